@@ -1,0 +1,1 @@
+"""tokar datasets and the LightningDataModule that serves them."""

@@ -1,0 +1,1 @@
+"""Decoding methods: the plain reference sampler and its accelerations."""

@@ -1,0 +1,1 @@
+"""Evaluation: FID with the standard Inception network (offline), reconstruction metrics, codebook statistics."""

@@ -1,0 +1,1 @@
+"""Autoregressive image generators: raster GPT, VAR next-scale, FlowAR scale-wise flow matching."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: composed configs for fast CPU runs on the synthetic set, written under tmp_path."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A tiny autoencoder and a short budget: what every end-to-end test trains.
+TINY = [
+    "data=synthetic", "data.batch_size=8", "data.eval_batch_size=16", "data.size=64",
+    "tokenizer.autoencoder.ch=16", "tokenizer.autoencoder.ch_mult=[1,2]", "tokenizer.autoencoder.z_channels=16",
+    "tokenizer.eval.grid_images=8", "trainer.accelerator=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1", "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "logger=csv",
+]
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path):
+    """compose() with the hydra node, output folder set to output_dir (the LHT conftest pattern)."""
+    GlobalHydra.instance().clear()
+    import utils.hydra  # noqa: F401 - registers resolvers
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides + [f"hydra.run.dir={output_dir}"], return_hydra_config=True)
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
+
+
+def run_entry(script: str, args: list[str], cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
+    """Run train.py / sample.py as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)

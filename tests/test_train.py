@@ -1,0 +1,143 @@
+"""End to end through the Hydra entry points: train, kill, resume, sample; and the bad-input messages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import TINY, compose_config, run_entry
+from utils.checkpoint import CheckpointError, atomic_replace, resolve_checkpoint
+
+RUN = TINY + ["trainer.max_steps=12", "callbacks.last_checkpoint.every_n_train_steps=5",
+              "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null", "callbacks.progress_bar=null"]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_kill_resume_equals_uninterrupted_then_sample(tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    _ok(run_entry("train.py", RUN + [f"hydra.run.dir={ref_dir}"]))
+
+    killed = run_entry("train.py", RUN + [f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=tests.helpers.KillAtStep",
+                                          "+callbacks.kill.step=7"])
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.exists() and not (run_dir / "model.safetensors").exists()
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # the save at step 5 survived the kill
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+    resumed = _ok(run_entry("train.py", RUN + [f"ckpt_path={last}"]))  # the run folder comes from the ckpt
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["steps"] == 12 and "test/psnr" in summary["metrics"]
+    assert "test/psnr" in resumed.stdout and str(run_dir) in resumed.stdout
+
+    # Same data order, optimizer, schedule and EMA: the resumed run ends where the uninterrupted one did.
+    ref, got = load_file(ref_dir / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.allclose(ref[k], got[k], atol=1e-5), k
+
+    sampled = _ok(run_entry("sample.py", [f"ckpt={run_dir}", "num_images=16", "grid_images=8",
+                                          f"hydra.run.dir={tmp_path / 'sample'}"]))
+    assert "PSNR" in sampled.stdout
+    result = json.loads((tmp_path / "sample" / "metrics.json").read_text())
+    assert result["num_images"] == 16 and result["psnr"] > 5
+    assert Path(result["grid"]).exists()
+
+
+def test_fast_dev_run_in_process(tmp_path):
+    from train import train
+
+    cfg = compose_config("train", TINY + ["debug=fdr"], tmp_path)
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert "loss" in metrics or "train/loss" in metrics
+
+
+def test_refuses_to_overwrite_another_run(tmp_path):
+    from train import train
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    cfg = compose_config("train", TINY, tmp_path)
+    with pytest.raises(FileExistsError, match="ckpt_path="):
+        train(cfg)
+
+
+def test_sample_without_ckpt_says_so():
+    proc = run_entry("sample.py", [])
+    assert proc.returncode != 0 and "needs a checkpoint" in proc.stderr + proc.stdout
+
+
+def test_wrong_kind_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    run = tmp_path / "gen"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"kind": "generator"}))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))
+    from sample import load_tokenizer
+
+    with pytest.raises(CheckpointError, match="generator checkpoint"):
+        load_tokenizer(str(run))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        resolve_checkpoint(bad)
+
+
+class Evil:
+    """An arbitrary object: loading it would need unpickling code."""
+
+
+def test_loading_never_unpickles_objects(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        resolve_checkpoint(path)
+
+
+def test_resume_with_other_settings_names_them(tmp_path):
+    from train import check_resume_compatible
+
+    ckpt = tmp_path / "x.ckpt"
+    old = {"kind": "tokenizer", "tokenizer": {"quantizer": {"levels": [8, 5, 5, 5]}, "autoencoder": {"ch": 16}},
+           "data": {"image_size": 32, "channels": 1}}
+    torch.save({"hyper_parameters": {"config": old}}, ckpt)
+    new = json.loads(json.dumps(old))
+    new["tokenizer"]["quantizer"]["levels"] = [5, 5, 5]
+    with pytest.raises(CheckpointError, match="quantizer"):
+        check_resume_compatible(str(ckpt), new)
+    new = dict(old, kind="generator")
+    with pytest.raises(CheckpointError, match="tokenizer checkpoint"):
+        check_resume_compatible(str(ckpt), new)
+
+
+def test_image_size_the_autoencoder_cannot_take(tmp_path):
+    from train import train
+
+    cfg = compose_config("train", TINY + ["data.image_size=30"], tmp_path)
+    with pytest.raises(ValueError, match="not divisible"):
+        train(cfg)
+
+
+def test_atomic_replace_keeps_the_old_file_when_a_write_dies(tmp_path):
+    target = tmp_path / "last.ckpt"
+    target.write_text("old")
+
+    def dies(tmp):
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_replace(dies, target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -1,0 +1,1 @@
+"""tokar tokenizers: quantizers, autoencoders, tokenizer losses and the tokenizer LightningModule."""

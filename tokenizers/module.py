@@ -1,0 +1,180 @@
+"""The tokenizer LightningModule: losses, optimizers, EMA, metrics and reconstruction grids.
+
+The networks stay plain nn.Modules (tokenizers/autoencoder.py + a quantizer); this system owns
+everything about training them. Optimization is manual so that a discriminator with its own
+optimizer (adversarial training) fits in the same step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from torchvision.utils import save_image
+
+from evaluation.codebook import CodebookUsage
+from evaluation.reconstruction import PSNR, SSIM
+from tokenizers.autoencoder import Tokenizer
+from tokenizers.losses import ReconstructionLoss
+from utils.ema import EMA
+from utils.schedule import warmup_cosine
+
+
+def build_tokenizer(config: dict, image_channels: int) -> Tokenizer:
+    """A Tokenizer from a tokenizer config node (quantizer + autoencoder)."""
+    quantizer = instantiate(config["quantizer"])
+    return Tokenizer(quantizer, image_channels=image_channels, **config["autoencoder"])
+
+
+class TokenizerModule(L.LightningModule):
+    """Trains a Tokenizer; evaluates (and exports) its EMA weights."""
+
+    def __init__(self, config: dict, output_dir: str | None = None):
+        """config: {"kind": "tokenizer", "tokenizer": <tokenizer node>, "data": {name, image_size, channels,
+        num_classes}, "total_steps": int}, plain containers only (checkpoints load with weights_only=True)."""
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config, self.output_dir = config["tokenizer"], output_dir
+        self.total_steps = int(config["total_steps"])
+        self.automatic_optimization = False
+        self.model = build_tokenizer(self.config, config["data"]["channels"])
+        self.model.token_shape(config["data"]["image_size"])  # fail early on a size the autoencoder cannot take
+        self.ema = EMA(self.model, self.config["ema_decay"])
+        self.rec_loss = ReconstructionLoss(**self.config["loss"]["reconstruction"])
+        self.batches_seen = 0  # drives the resumable data order
+        self.codebook_size = self.model.quantizer.codebook_size
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_psnr", PSNR())
+            setattr(self, f"{stage}_ssim", SSIM())
+            if self.codebook_size:
+                setattr(self, f"{stage}_usage", CodebookUsage(self.codebook_size))
+        self._fid_images: dict[str, list] = {}
+
+    # -- training --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_cfg = self.config["optimizer"]
+        opt = torch.optim.AdamW(self.model.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
+                                weight_decay=opt_cfg["weight_decay"])
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(opt_cfg["warmup_steps"], self.total_steps, opt_cfg["min_lr_ratio"]))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def training_step(self, batch, batch_idx):
+        images, _ = batch
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        recon, q = self.model(images)  # (B, C, H, W)
+        rec, parts = self.rec_loss(recon, images)
+        loss = rec + self.config["loss"]["quantizer"] * q.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite tokenizer loss at step {self.global_step}: {parts}, "
+                                     f"quantizer {float(q.loss)}; lower optimizer.lr or raise warmup_steps")
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=self.config["grad_clip"], gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        self.ema.update(self.model)
+        self.batches_seen += 1
+        logs = {"train/loss": loss, "train/quant_loss": q.loss, **{f"train/{k}": v for k, v in parts.items()},
+                **{f"train/{k}": v for k, v in q.stats.items()}, "train/lr": sched.get_last_lr()[0]}
+        self.log_dict(logs, prog_bar=False)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["batches_seen"] = self.batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batches_seen = int(checkpoint.get("batches_seen", 0))
+
+    # -- evaluation (EMA weights) ------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        for stage in ("val",):  # the sanity check filled them
+            for name in ("psnr", "ssim", "usage"):
+                if hasattr(self, f"{stage}_{name}"):
+                    getattr(self, f"{stage}_{name}").reset()
+
+    def _eval_step(self, batch, batch_idx, stage: str) -> None:
+        images, _ = batch
+        net = self.ema.shadow
+        recon, q = net(images)
+        getattr(self, f"{stage}_psnr").update(recon, images)
+        getattr(self, f"{stage}_ssim").update(recon, images)
+        if self.codebook_size:
+            getattr(self, f"{stage}_usage").update(q.indices)
+        if batch_idx == 0 and self.global_rank == 0:
+            self._save_grid(images, recon, stage)
+        n_fid = int(self.config["eval"].get("rfid_images", 0))
+        if n_fid and stage == "test":
+            bank = self._fid_images.setdefault(stage, [])
+            have = sum(x[0].shape[0] for x in bank)
+            if have < n_fid:
+                take = n_fid - have
+                bank.append((images[:take].cpu(), recon[:take].clamp(-1, 1).cpu()))
+
+    def _eval_end(self, stage: str) -> dict:
+        out = {f"{stage}/psnr": getattr(self, f"{stage}_psnr").compute(),
+               f"{stage}/ssim": getattr(self, f"{stage}_ssim").compute()}
+        if self.codebook_size:
+            usage = getattr(self, f"{stage}_usage").compute()
+            out[f"{stage}/usage"], out[f"{stage}/perplexity"] = usage["usage"], usage["perplexity"]
+        for name in ("psnr", "ssim", "usage"):
+            if hasattr(self, f"{stage}_{name}"):
+                getattr(self, f"{stage}_{name}").reset()
+        bank = self._fid_images.pop(stage, [])
+        if bank:
+            from evaluation.fid import fid_between
+
+            real = torch.cat([b[0] for b in bank])
+            fake = torch.cat([b[1] for b in bank])
+            out[f"{stage}/rfid"] = torch.tensor(fid_between(real, fake), dtype=torch.float32)
+        self.log_dict(out, sync_dist=False)
+        return out
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def _save_grid(self, images: torch.Tensor, recon: torch.Tensor, stage: str) -> None:
+        if not self.output_dir:
+            return
+        n = min(int(self.config["eval"]["grid_images"]), images.shape[0])
+        path = grid_path(self.output_dir, stage, self.global_step)
+        save_reconstruction_grid(images[:n], recon[:n], path)
+        self.last_grid = str(path)
+
+
+def grid_path(output_dir: str, stage: str, step: int) -> Path:
+    return Path(output_dir) / "samples" / f"{stage}_reconstructions_step{step:07d}.png"
+
+
+def save_reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Rows alternate: `nrow` originals, then their reconstructions below them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(0, images.shape[0], nrow):
+        rows += [images[i:i + nrow], recon[i:i + nrow].clamp(-1, 1)]
+    pad = [torch.full_like(images[:1], -1.0).expand(nrow - r.shape[0], *images.shape[1:]) for r in rows]
+    grid = torch.cat([torch.cat([r, p]) for r, p in zip(rows, pad)])
+    save_image(grid.float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1, pad_value=0.5)
+    return path
+
+
+def total_training_steps(max_steps: int, max_epochs: int | None, batches_per_epoch: int) -> int:
+    """The schedule's length: max_steps when set, else epochs x batches."""
+    if max_steps and max_steps > 0:
+        return max_steps
+    return max(1, (max_epochs or 1) * batches_per_epoch)
+
+

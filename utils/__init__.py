@@ -1,0 +1,1 @@
+"""Training plumbing shared by every task: EMA, LR schedules, checkpoints, Hydra helpers."""

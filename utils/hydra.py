@@ -1,0 +1,40 @@
+"""Hydra helpers: resolvers, instantiating callback/logger dicts, and run-folder rules."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("tokar")
+
+
+def run_dir(log_dir: str, task_name: str, ckpt_path: str | None = None) -> str:
+    """A new outputs/<task>/<time>/ folder, or the run folder of the checkpoint being resumed."""
+    if ckpt_path:
+        p = Path(str(ckpt_path)).expanduser().resolve()
+        if p.parent.name == "checkpoints":
+            return str(p.parent.parent)
+    return str(Path(log_dir) / task_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", run_dir)
+
+
+register_resolvers()
+
+
+def instantiate_dict(cfg: DictConfig | None, what: str) -> list:
+    """Instantiate every entry with a _target_ (so `callbacks=none` or `logger=null` switches them off)."""
+    out = []
+    if not cfg:
+        return out
+    for name, node in cfg.items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            log.info("instantiating %s <%s>", what, node._target_)
+            out.append(instantiate(node))
+    return out
