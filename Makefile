@@ -32,7 +32,7 @@ $(DATA_STAMP):
 data: $(DATA_STAMP)
 
 demo: setup
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python train.py experiment=demo
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"

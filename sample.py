@@ -2,11 +2,22 @@
 
 With a tokenizer run: reconstruct `num_images` images of the dataset's test split, write a grid
 of originals above their reconstructions, print PSNR and SSIM, and write metrics.json.
+
+With a generator run (the tokenizer it names is loaded and its hash checked):
+    python sample.py ckpt=<generator run> decoding=ar [cfg_scale=.. top_k=.. top_p=.. temperature=..]
+writes grid.png (one row per class, `samples_per_class` columns) and prints images/s and target
+forward passes per image, with and without the tokenizer's decode. `fid.num_samples=N` also samples
+N images balanced over the classes and scores them against the cached reference statistics of the
+dataset's test split (`fid.save_samples=true` keeps them as PNGs). Under torchrun (WORLD_SIZE > 1)
+each rank samples its share, seeded seed * world + rank, and the FID states are summed over ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import hydra
@@ -14,7 +25,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from utils.checkpoint import CheckpointError, atomic_replace, resolve_checkpoint
+from utils.checkpoint import (CheckpointError, atomic_replace, expect_kind, load_tokenizer, load_weights,  # noqa: F401
+                              resolve_checkpoint)
 from utils.hydra import register_resolvers
 
 log = logging.getLogger("tokar")
@@ -26,30 +38,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
     return torch.device(name)
-
-
-def load_weights(model: torch.nn.Module, state: dict, path) -> None:
-    """Strict load, with an error that names what does not match."""
-    result = model.load_state_dict(state, strict=False)
-    shapes = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or shapes:
-        raise CheckpointError(f"weights in {path} do not match the config beside them: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-
-
-def load_tokenizer(ckpt: str, device: torch.device | str = "cpu"):
-    """(Tokenizer in eval mode, run config) from a tokenizer run folder, .ckpt or model.safetensors."""
-    from tokenizers.module import build_tokenizer
-    from utils.checkpoint import expect_kind
-
-    config, state, _ = resolve_checkpoint(ckpt)
-    expect_kind(config, "tokenizer", ckpt)
-    model = build_tokenizer(config["tokenizer"], config["data"]["channels"])
-    try:
-        load_weights(model, state, ckpt)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {ckpt} do not fit the tokenizer config beside them: {e}") from e
-    return model.to(device).eval(), config
 
 
 @torch.no_grad()
@@ -82,13 +70,158 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
     return result
 
 
+# -- generators ------------------------------------------------------------------------------------
+def load_generator(ckpt, device: torch.device | str = "cpu"):
+    """(generator in eval mode, its frozen tokenizer, run config) from a generator run, .ckpt or model.safetensors.
+
+    The tokenizer run named in the config must still exist with the same hash (CheckpointError otherwise).
+    """
+    from data.token_cache import load_tokenizer_run
+    from generators.module import build_generator
+
+    config, state, _ = resolve_checkpoint(ckpt)
+    expect_kind(config, "generator", ckpt)
+    tok = config.get("tokenizer") or {}
+    if not tok.get("path") or not Path(tok["path"]).exists():
+        raise CheckpointError(f"the tokenizer run this generator was trained on ({tok.get('path')}) is missing; "
+                              f"{ckpt} cannot turn its codes into images without it")
+    tokenizer = load_tokenizer_run(tok["path"], device, expected_hash=tok.get("hash")).model
+    model = build_generator(config)
+    try:
+        load_weights(model, state, ckpt)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {ckpt} do not fit the generator config beside them: {e}") from e
+    return model.to(device).eval(), tokenizer, config
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def shared_output_dir(out: Path, world: int) -> Path:
+    """Rank 0's output folder on every rank (each torchrun process got its own time-stamped folder)."""
+    if world == 1:
+        return out
+    box = [str(out)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+class Stopwatch:
+    """Seconds of a block: CUDA events on CUDA (after a synchronize), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.end.record()
+            torch.cuda.synchronize(self.device)
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+@torch.no_grad()
+def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
+    """Grid + speed (rank 0) and, with fid.num_samples > 0, the FID over all ranks; the result on rank 0."""
+    from generators.module import (class_grid_labels, decode_tokens, describe_sampling, generator_fid,
+                                   sampling_config, save_class_grid)
+    from decoding.ar import generate
+
+    rank, world = distributed()
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = shared_output_dir(out, world)
+    if cfg.decoding.name != "ar":
+        raise ValueError(f"decoding={cfg.decoding.name} is not available yet; use decoding=ar")
+    model, tokenizer, config = load_generator(cfg.ckpt, device)
+    overrides = {k: cfg.get(k) for k in ("cfg_scale", "temperature", "top_k", "top_p", "num_steps", "guidance_until")}
+    overrides.update({k: v for k, v in cfg.decoding.items() if k != "name"})
+    sampling = sampling_config(config["generator"]["sampling"], overrides)
+    info, data = config["tokens"], config["data"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    result = {"kind": "generator", "ckpt": str(cfg.ckpt), "generator": config["generator"]["name"],
+              "decoding": cfg.decoding.name, "sampling": dict(vars(sampling)), "device": str(device),
+              "world_size": world, "output_dir": str(out)}
+
+    if rank == 0:
+        # 1. the grid: one row per class; timed batch by batch, sampling and the tokenizer's decode apart
+        per_class = int(cfg.samples_per_class)
+        classes = list(cfg.classes) if cfg.get("classes") is not None else list(range(data["num_classes"]))
+        labels = torch.tensor(classes).repeat_interleave(per_class).to(device)
+        g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        msvq = tokenizer.quantizer if info["layout"] == "multiscale" else None
+        with autocast:
+            if cfg.warmup:  # first calls pay for allocation and kernel selection: keep them out of the timing
+                generate(model, labels[: min(len(labels), 2)], sampling, torch.Generator(device=device), msvq)
+            images, t_gen, t_dec, forwards = [], 0.0, 0.0, None
+            for i in range(0, len(labels), int(cfg.batch_size)):
+                y = labels[i:i + int(cfg.batch_size)]
+                with Stopwatch(device) as sw_gen:
+                    tokens, stats = generate(model, y, sampling, g, msvq)
+                with Stopwatch(device) as sw_dec:
+                    images.append(decode_tokens(tokenizer, tokens, info["layout"], info["token_shape"],
+                                                info.get("scale_factor", 1.0)))
+                t_gen, t_dec, forwards = t_gen + sw_gen.seconds, t_dec + sw_dec.seconds, stats["forward_passes"]
+        grid = save_class_grid(torch.cat(images), per_class, out / "grid.png")
+        n = len(labels)
+        speed = {"images": n, "batch_size": min(n, int(cfg.batch_size)), "generate_seconds": round(t_gen, 4),
+                 "decode_seconds": round(t_dec, 4), "images_per_s": n / t_gen, "images_per_s_with_decode":
+                 n / (t_gen + t_dec), "forward_passes_per_image": forwards, "timer": "CUDA events" if
+                 device.type == "cuda" else "perf_counter", "warmup": bool(cfg.warmup)}
+        if config["generator"]["name"] == "flowar":
+            speed["flow_head_evaluations_per_image"] = forwards * sampling.num_steps
+        result.update(grid=str(grid), rows=classes, samples_per_class=per_class, speed=speed)
+        print(f"grid: {grid} (rows = classes {classes}, {per_class} samples each)\n"
+              f"{config['generator']['name']} decoding=ar ({describe_sampling(sampling, config)}) on {device}: "
+              f"{speed['images_per_s']:.2f} images/s sampling tokens only, {speed['images_per_s_with_decode']:.2f} "
+              f"images/s including the tokenizer decode; {forwards} target forward passes per image "
+              f"(batch {speed['batch_size']})", flush=True)
+
+    # 2. FID over all ranks
+    n_fid = int(cfg.fid.num_samples or 0)
+    if n_fid:
+        with autocast:
+            fid = generator_fid(model, tokenizer, config, n_fid, sampling, int(cfg.batch_size), int(cfg.seed), device,
+                                cfg.fid.split, cfg.fid.reference_images, rank, world,
+                                out / "samples" if cfg.fid.save_samples else None)
+        if cfg.fid.save_samples:
+            fid["samples_dir"] = str(out / "samples")
+        result["fid"] = fid
+        if rank == 0:
+            print(f"FID {fid['fid']:.3f}  [{fid['protocol']}]", flush=True)
+    return result if rank == 0 else None
+
+
 def run(cfg: DictConfig, out: Path) -> dict:
     config, _, _ = resolve_checkpoint(cfg.ckpt)
     kind = config.get("kind")
     if kind == "tokenizer":
         result = reconstruct(cfg, out)
+    elif kind == "generator":
+        result = sample_generator(cfg, out)
+        if result is None:  # not rank 0
+            return {}
+        out = Path(result["output_dir"])  # rank 0's folder under torchrun
     else:
-        raise CheckpointError(f"{cfg.ckpt} is a {kind} checkpoint; sample.py handles: tokenizer")
+        raise CheckpointError(f"{cfg.ckpt} is a {kind} checkpoint; sample.py handles: tokenizer, generator")
     atomic_replace(lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)), out / "metrics.json")
     return result
 

@@ -1,7 +1,12 @@
-"""Train a tokar model: python train.py task=tokenizer tokenizer=fsq data=fashion_mnist [key=value ...]
+"""Train a tokar model.
+
+    python train.py task=tokenizer tokenizer=fsq data=fashion_mnist [key=value ...]
+    python train.py task=generator generator=var tokenizer_ckpt=outputs/tokenizer/<time> [key=value ...]
 
 Everything lands in outputs/<task>/<time>/: checkpoints/{best,last}.ckpt, model.safetensors (EMA
 weights), config.yaml, metrics.json and samples/. Resume a killed run with ckpt_path=<last.ckpt>.
+A generator first encodes the data once with the tokenizer run into a token cache
+(data/token_cache.py, under ${paths.data_dir}/token_cache/) and then trains on the codes.
 """
 from __future__ import annotations
 
@@ -15,13 +20,16 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from utils.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_replace, export_run
 from utils.hydra import instantiate_dict, register_resolvers
 
 log = logging.getLogger("tokar")
-TASKS = ("tokenizer",)
+TASKS = ("tokenizer", "generator")
+# (best.ckpt monitor, its mode, the metric main() returns to a sweeper) by task
+TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss")}
+RESUME_KEYS = {"tokenizer": ("quantizer", "autoencoder"), "generator": ("name", "model")}
 
 
 def output_dir_of(cfg: DictConfig) -> Path:
@@ -51,39 +59,117 @@ def check_resume_compatible(ckpt_path: str, config: dict) -> None:
     if old.get("kind") != config["kind"]:
         raise CheckpointError(f"{p} is a {old.get('kind')} checkpoint; task={config['kind']} cannot resume it")
     node = config["kind"]
-    keys = [k for k in ("quantizer", "autoencoder") if old[node].get(k) != config[node].get(k)]
+    keys = [k for k in RESUME_KEYS.get(node, ()) if old[node].get(k) != config[node].get(k)]
+    old_tok, new_tok = old.get("tokenizer", {}).get("hash"), (config.get("tokenizer") or {}).get("hash")
+    if node == "generator" and old_tok != new_tok:
+        raise CheckpointError(f"{p} was trained on another tokenizer (hash {str(old_tok)[:12]}, tokenizer_ckpt has "
+                              f"{str(new_tok)[:12]}); resume with the run's own tokenizer_ckpt")
     data_keys = [k for k in ("image_size", "channels") if old["data"].get(k) != config["data"].get(k)]
     if keys or data_keys:
         raise CheckpointError(f"{p} was trained with other settings ({', '.join(keys + ['data.' + k for k in data_keys])}"
                               f" differ); resume with the run's own config.yaml settings")
 
 
+def task_defaults(cfg: DictConfig) -> None:
+    """Point best.ckpt's monitor and the sweeper metric at the task's own metric when left at another task's default."""
+    metric, mode, optimized = TASK_MONITOR[cfg.task]
+    others = {m for t, (m, _, _) in TASK_MONITOR.items() if t != cfg.task}
+    with open_dict(cfg):
+        if cfg.monitor.metric in others:
+            cfg.monitor.metric, cfg.monitor.mode = metric, mode
+        if cfg.get("optimized_metric") in {o for t, (_, _, o) in TASK_MONITOR.items() if t != cfg.task}:
+            cfg.optimized_metric = optimized
+
+
+def schedule_steps(cfg: DictConfig, datamodule) -> int:
+    """The schedule's length: trainer.max_steps, or max_epochs x batches per epoch when max_steps <= 0."""
+    max_steps = int(cfg.trainer.max_steps)
+    if max_steps <= 0:
+        datamodule.setup("fit")
+        max_steps = max(1, int(cfg.trainer.max_epochs) * (len(datamodule.train_set) // cfg.data.batch_size))
+    return max_steps
+
+
+def prepare_tokenizer_task(cfg: DictConfig, out: Path):
+    """(datamodule, config, model) of task=tokenizer."""
+    log.info("instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = instantiate(cfg.data)
+    data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
+                 "num_classes": datamodule.num_classes}
+    config = {"kind": cfg.task, cfg.task: OmegaConf.to_container(cfg[cfg.task], resolve=True), "data": data_info,
+              "total_steps": schedule_steps(cfg, datamodule)}
+    if cfg.get("ckpt_path"):
+        check_resume_compatible(cfg.ckpt_path, config)
+    from tokenizers.module import TokenizerModule
+
+    return datamodule, config, TokenizerModule(config, output_dir=str(out))
+
+
+def prepare_generator_task(cfg: DictConfig, out: Path):
+    """(datamodule, config, model) of task=generator: load the tokenizer run, check the pairing, build the caches."""
+    from data.token_cache import TokenDataModule, layout_of, load_tokenizer_run, prepare_token_caches, read_metadata
+    from generators.module import GENERATOR_LAYOUT, GeneratorModule, check_pairing, count_parameters, model_args
+
+    if not cfg.get("tokenizer_ckpt"):
+        raise ValueError("task=generator needs the tokenizer whose codes it learns: tokenizer_ckpt=<tokenizer run "
+                         "folder> (outputs/tokenizer/<time>, from python train.py task=tokenizer tokenizer=msvq|kl|...)")
+    gen = cfg.generator.name
+    if gen not in GENERATOR_LAYOUT:
+        raise ValueError(f"unknown generator {gen!r}; one of {', '.join(GENERATOR_LAYOUT)}")
+    on_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    run = load_tokenizer_run(cfg.tokenizer_ckpt, device)
+    check_pairing(gen, run.model.quantizer, cfg.tokenizer_ckpt)
+    tok_channels = run.config["data"]["channels"]
+    if int(cfg.data.channels) != int(tok_channels):
+        raise ValueError(f"data={cfg.data.name} has {cfg.data.channels} channels, the tokenizer {run.run_dir} was "
+                         f"trained on {tok_channels}-channel images ({run.config['data']['name']})")
+    run.model.token_shape(int(cfg.data.image_size))  # fails early on a size the tokenizer cannot take
+
+    log.info("instantiating datamodule <%s> (images, for the token cache)", cfg.data._target_)
+    images = instantiate(cfg.data)
+    caches = prepare_token_caches(run, images, ["train", cfg.data.val_split], Path(cfg.paths.data_dir) / "token_cache",
+                                  batch_size=int(cfg.data.eval_batch_size), device=device)
+    meta = read_metadata(caches["train"])
+    datamodule = TokenDataModule(caches, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+                                 num_workers=cfg.data.num_workers, val_split=cfg.data.val_split,
+                                 test_split=cfg.data.val_split, seed=cfg.data.seed)
+    num_classes = int(meta["num_classes"])
+    data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
+                 "num_classes": num_classes}
+    generator_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
+    image_size = int(cfg.data.image_size)
+    token_shape = run.model.token_shape(image_size)
+    config = {"kind": "generator", "generator": generator_cfg, "data": data_info,
+              "tokenizer": {"path": str(run.run_dir), "hash": run.hash, "name": run.config["tokenizer"].get("name")},
+              "tokens": {"layout": layout_of(run.model.quantizer),
+                         "token_shape": [list(t) for t in token_shape] if run.model.quantizer.multiscale
+                         else list(token_shape),
+                         "scale_factor": float(meta.get("scale_factor", 1.0)),
+                         "cache": {split: str(p) for split, p in caches.items()}},
+              "model_args": model_args(gen, run.model, image_size, num_classes, generator_cfg["model"]),
+              "total_steps": schedule_steps(cfg, datamodule)}
+    if cfg.get("ckpt_path"):
+        check_resume_compatible(cfg.ckpt_path, config)
+    model = GeneratorModule(config, output_dir=str(out), tokenizer=run.model)
+    log.info("generator %s (%s parameters) on %s codes of the tokenizer %s", gen, count_parameters(model.model),
+             config["tokens"]["layout"], run.run_dir)
+    return datamodule, config, model
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the task's model from a composed config; returns (metrics, objects)."""
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task} is not available; choose one of {', '.join(TASKS)}")
+    task_defaults(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out = output_dir_of(cfg)
     check_fresh_or_resuming(out, cfg.get("ckpt_path"))
     log.info("output folder: %s", out)
 
-    log.info("instantiating datamodule <%s>", cfg.data._target_)
-    datamodule = instantiate(cfg.data)
-    data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-                 "num_classes": datamodule.num_classes}
-    max_steps = int(cfg.trainer.max_steps)
-    if max_steps <= 0:
-        datamodule.setup("fit")
-        max_steps = max(1, int(cfg.trainer.max_epochs) * (len(datamodule.train_set) // cfg.data.batch_size))
-    config = {"kind": cfg.task, cfg.task: OmegaConf.to_container(cfg[cfg.task], resolve=True), "data": data_info,
-              "total_steps": max_steps}
-    if cfg.get("ckpt_path"):
-        check_resume_compatible(cfg.ckpt_path, config)
-
-    from tokenizers.module import TokenizerModule
-
-    model = TokenizerModule(config, output_dir=str(out))
+    prepare = prepare_generator_task if cfg.task == "generator" else prepare_tokenizer_task
+    datamodule, config, model = prepare(cfg, out)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callback")
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
@@ -96,18 +182,34 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     train_seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    finished = not cfg.trainer.get("fast_dev_run")
 
-    if trainer.is_global_zero and not cfg.trainer.get("fast_dev_run"):
+    if trainer.is_global_zero and finished:
         export_run(model.ema.shadow, config, out, kind=cfg.task)
-    if cfg.get("test_after_training") and not cfg.trainer.get("fast_dev_run"):
-        results = trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
-    summary = {"task": cfg.task, "tokenizer": config[cfg.task].get("name"), "data": data_info,
-               "steps": int(trainer.global_step), "train_seconds": round(train_seconds, 1),
-               "metrics": metrics, "output_dir": str(out),
-               "grid": getattr(model, "last_grid", None),
-               "protocol": f"per-image PSNR/SSIM on uint8, usage/perplexity over the whole {cfg.data.test_split} "
-                           f"split of {cfg.data.name} ({data_info['image_size']}px), EMA weights"}
+    data_info = config["data"]
+    summary = {"task": cfg.task, "data": data_info, "steps": int(trainer.global_step),
+               "train_seconds": round(train_seconds, 1), "metrics": metrics, "output_dir": str(out)}
+    if cfg.task == "tokenizer":
+        if cfg.get("test_after_training") and finished:
+            results = trainer.test(model, datamodule=datamodule, verbose=False)
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+        summary.update(tokenizer=config["tokenizer"].get("name"), grid=getattr(model, "last_grid", None),
+                       protocol=f"per-image PSNR/SSIM on uint8, usage/perplexity over the whole {cfg.data.test_split} "
+                                f"split of {cfg.data.name} ({data_info['image_size']}px), EMA weights")
+    else:
+        summary.update(generator=config["generator"]["name"], tokenizer=config["tokenizer"],
+                       grid=model.last_grid,
+                       protocol=f"val/loss, val/acc: teacher-forced on the {cfg.data.val_split} split's token cache, "
+                                "EMA weights")
+        n_fid = int(config["generator"]["eval"].get("fid_samples") or 0)
+        if n_fid and finished and trainer.is_global_zero:
+            log.info("FID on %d samples ...", n_fid)
+            fid = model.fid(n_fid, batch_size=int(cfg.data.eval_batch_size))
+            metrics["fid"] = fid["fid"]
+            summary["fid"] = fid
+            for lg in trainer.loggers:
+                lg.log_metrics({"fid": fid["fid"]}, step=trainer.global_step)
+                lg.save()
     if trainer.is_global_zero:
         atomic_replace(lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)), out / "metrics.json")
         print_summary(summary, out)
@@ -121,9 +223,11 @@ def print_summary(summary: dict, out: Path) -> None:
         lines.append(f"grid       : {summary['grid']}")
     if (out / "model.safetensors").exists():
         lines.append(f"weights    : {out / 'model.safetensors'} (EMA) + config.yaml")
-    for key in ("test/psnr", "test/ssim", "test/usage", "test/perplexity", "test/rfid"):
+    for key in ("test/psnr", "test/ssim", "test/usage", "test/perplexity", "test/rfid", "val/loss", "val/acc"):
         if key in m:
             lines.append(f"{key:<11}: {m[key]:.4f}")
+    if summary.get("fid"):
+        lines.append(f"FID        : {summary['fid']['fid']:.3f}  [{summary['fid']['protocol']}]")
     lines.append(f"steps      : {summary['steps']} in {summary['train_seconds']} s")
     print("\n".join(lines), flush=True)
 

@@ -21,7 +21,8 @@ import torch
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 NUM_CLASSES = 1008  # TF Inception's output layer (absent from the TorchScript file)
 
-# torch-fidelity's module names, in forward order; each entry is one conv+BN block.
+# torch-fidelity's module names, in forward order; each entry is one conv+BN block. Both sides use
+# BatchNorm eps 1e-3, so only the parameters move.
 _STEM = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
 _BRANCHES = {
     "A": ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2",
@@ -38,7 +39,6 @@ _MIXED = [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", 
           ("Mixed_6b", "C"), ("Mixed_6c", "C"), ("Mixed_6d", "C"), ("Mixed_6e", "C"),
           ("Mixed_7a", "D"), ("Mixed_7b", "E"), ("Mixed_7c", "E")]
 FIDELITY_BLOCKS = _STEM + [f"{stage}.{branch}" for stage, kind in _MIXED for branch in _BRANCHES[kind]]
-BN_EPS = 1e-3  # torch-fidelity's BatchNorm2d(eps=0.001), the same as the TorchScript graph
 
 
 def cache_dir() -> str:

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
@@ -26,21 +24,10 @@ TINY = [
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path):
-    """compose() with the hydra node, output folder set to output_dir (the LHT conftest pattern)."""
-    GlobalHydra.instance().clear()
-    import utils.hydra  # noqa: F401 - registers resolvers
+    """compose() with the hydra node and output folder set (the LHT conftest pattern)."""
+    from utils.hydra import compose_with_hydra
 
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides + [f"hydra.run.dir={output_dir}"], return_hydra_config=True)
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(ROOT)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
+    return compose_with_hydra(config_name, overrides, output_dir)
 
 
 @pytest.fixture

@@ -20,12 +20,16 @@ def test_psnr_is_per_image_on_uint8():
     assert abs(float(m.compute()) - expected) < 1e-3
 
 
-def test_ssim_of_identical_images_is_one_and_drops_with_noise():
-    x = torch.rand(3, 1, 32, 32) * 2 - 1
-    same, noisy = SSIM(), SSIM()
-    same.update(x, x)
-    noisy.update((x + 0.3 * torch.randn_like(x)).clamp(-1, 1), x)
-    assert abs(float(same.compute()) - 1) < 1e-5 and float(noisy.compute()) < 0.8
+def test_ssim_of_identical_images_is_one_and_falls_with_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-0.8, 0.8, 32).expand(3, 1, 32, 32).contiguous()  # smooth images
+    values = []
+    for sigma in (0.0, 0.05, 0.2, 0.5):
+        m = SSIM()
+        m.update((x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1), x)
+        values.append(float(m.compute()))
+    assert abs(values[0] - 1) < 1e-5
+    assert values == sorted(values, reverse=True) and values[-1] < 0.5
 
 
 def test_usage_and_perplexity_over_the_whole_split():

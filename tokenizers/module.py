@@ -3,6 +3,11 @@
 The networks stay plain nn.Modules (tokenizers/autoencoder.py + a quantizer); this system owns
 everything about training them. Optimization is manual so that a discriminator with its own
 optimizer (adversarial training) fits in the same step.
+
+Losses (config `tokenizer.loss`): reconstruction (L1/L2/1-MS-SSIM) + `perceptual` x LPIPS +
+`quantizer` x the quantizer's loss + `adversarial.weight` x lambda x G loss, where lambda is VQGAN's
+adaptive weight (or 1) and the PatchGAN discriminator trains on the same batch from
+`adversarial.start_step` on. With `adversarial.weight: 0` no discriminator exists at all.
 """
 from __future__ import annotations
 
@@ -16,9 +21,14 @@ from torchvision.utils import save_image
 from evaluation.codebook import CodebookUsage
 from evaluation.reconstruction import PSNR, SSIM
 from tokenizers.autoencoder import Tokenizer
+from tokenizers.discriminator import PatchGAN, adaptive_weight, gan_losses
 from tokenizers.losses import ReconstructionLoss
+from tokenizers.lpips import LPIPS
 from utils.ema import EMA
 from utils.schedule import warmup_cosine
+
+ADVERSARIAL_DEFAULTS = {"weight": 0.0, "start_step": 0, "disc_lr": None, "disc_betas": [0.5, 0.9], "ndf": 64,
+                        "layers": 3, "norm": "batch", "adaptive": True, "loss": "hinge"}
 
 
 def build_tokenizer(config: dict, image_channels: int) -> Tokenizer:
@@ -41,7 +51,18 @@ class TokenizerModule(L.LightningModule):
         self.model = build_tokenizer(self.config, config["data"]["channels"])
         self.model.token_shape(config["data"]["image_size"])  # fail early on a size the autoencoder cannot take
         self.ema = EMA(self.model, self.config["ema_decay"])
-        self.rec_loss = ReconstructionLoss(**self.config["loss"]["reconstruction"])
+        loss_cfg = self.config["loss"]
+        self.rec_loss = ReconstructionLoss(**loss_cfg["reconstruction"])
+        # LPIPS is frozen and pretrained: held in a plain list, so it is no submodule (not in state_dict,
+        # .ckpt or model.safetensors, not in any optimizer); `perceptual_net` moves it to our device.
+        self.perceptual_weight = float(loss_cfg.get("perceptual", 0.0))
+        self._perceptual: list[LPIPS] = [LPIPS()] if self.perceptual_weight > 0 else []
+        self.adv = {**ADVERSARIAL_DEFAULTS, **(loss_cfg.get("adversarial") or {})}
+        self.discriminator: PatchGAN | None = None  # only exists when adversarial.weight > 0
+        if float(self.adv["weight"]) > 0:
+            self.discriminator = PatchGAN(config["data"]["channels"], ndf=int(self.adv["ndf"]),
+                                          layers=int(self.adv["layers"]), norm=self.adv["norm"])
+            self.d_loss_fn, self.g_loss_fn = gan_losses(self.adv["loss"])
         self.batches_seen = 0  # drives the resumable data order
         self.codebook_size = self.model.quantizer.codebook_size
         for stage in ("val", "test"):
@@ -58,36 +79,102 @@ class TokenizerModule(L.LightningModule):
                                 weight_decay=opt_cfg["weight_decay"])
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, warmup_cosine(opt_cfg["warmup_steps"], self.total_steps, opt_cfg["min_lr_ratio"]))
-        return [opt], [{"scheduler": sched, "interval": "step"}]
+        if self.discriminator is None:
+            return [opt], [{"scheduler": sched, "interval": "step"}]
+        # The discriminator: Adam (VQGAN's betas by default), the same warmup + cosine shape over its own steps.
+        d_lr = self.adv["disc_lr"] if self.adv["disc_lr"] is not None else opt_cfg["lr"]
+        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=float(d_lr), betas=tuple(self.adv["disc_betas"]))
+        d_steps = max(1, self.total_steps - int(self.adv["start_step"]))
+        d_sched = torch.optim.lr_scheduler.LambdaLR(
+            d_opt, warmup_cosine(opt_cfg["warmup_steps"], d_steps, opt_cfg["min_lr_ratio"]))
+        return [opt, d_opt], [{"scheduler": sched, "interval": "step"}, {"scheduler": d_sched, "interval": "step"}]
+
+    @property
+    def perceptual_net(self) -> LPIPS | None:
+        """The frozen LPIPS net on this module's device (it is no submodule, so .to() does not move it)."""
+        if not self._perceptual:
+            return None
+        net = self._perceptual[0]
+        if net.available and net.shift.device != self.device:
+            net.to(self.device)
+        return net
+
+    def adversarial_active(self) -> bool:
+        """True from adversarial.start_step on (global_step = batches already trained)."""
+        return self.discriminator is not None and self.global_step >= int(self.adv["start_step"])
 
     def training_step(self, batch, batch_idx):
         images, _ = batch
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        if self.discriminator is None:
+            optimizers, schedulers = [optimizers], [schedulers]
+        opt, sched = optimizers[0], schedulers[0]
         recon, q = self.model(images)  # (B, C, H, W)
         rec, parts = self.rec_loss(recon, images)
-        loss = rec + self.config["loss"]["quantizer"] * q.loss
+        logs = {**{f"train/{k}": v for k, v in parts.items()}}
+        nll = rec  # what VQGAN's adaptive weight balances the GAN term against
+        lpips = self.perceptual_net
+        if lpips is not None:
+            p_loss = lpips(recon, images).mean()
+            nll = nll + self.perceptual_weight * p_loss
+            if lpips.available:
+                logs["train/lpips"] = p_loss
+        loss = nll + self.config["loss"]["quantizer"] * q.loss
+        adversarial = self.adversarial_active()
+        if adversarial:
+            self.discriminator.requires_grad_(False)  # the generator step leaves D's grads alone
+            g_loss = self.g_loss_fn(self.discriminator(recon))
+            lam = (adaptive_weight(nll, g_loss, self.model.decoder.last_layer) if self.adv["adaptive"]
+                   else torch.ones((), device=loss.device))
+            loss = loss + float(self.adv["weight"]) * lam * g_loss
+            logs.update({"train/g_loss": g_loss, "train/adaptive_weight": lam})
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite tokenizer loss at step {self.global_step}: {parts}, "
-                                     f"quantizer {float(q.loss)}; lower optimizer.lr or raise warmup_steps")
+                                     f"quantizer {float(q.loss)}, {({k: float(v) for k, v in logs.items()})}; "
+                                     "lower optimizer.lr or raise warmup_steps")
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self.clip_gradients(opt, gradient_clip_val=self.config["grad_clip"], gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
+        if adversarial:
+            self.discriminator.requires_grad_(True)
+            logs.update(self._discriminator_step(images, recon.detach(), optimizers[1], schedulers[1]))
         self.ema.update(self.model)
         self.batches_seen += 1
-        logs = {"train/loss": loss, "train/quant_loss": q.loss, **{f"train/{k}": v for k, v in parts.items()},
-                **{f"train/{k}": v for k, v in q.stats.items()}, "train/lr": sched.get_last_lr()[0]}
+        logs.update({"train/loss": loss, "train/quant_loss": q.loss, **{f"train/{k}": v for k, v in q.stats.items()},
+                     "train/lr": sched.get_last_lr()[0]})
         self.log_dict(logs, prog_bar=False)
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
+
+    def _discriminator_step(self, images: torch.Tensor, recon: torch.Tensor, d_opt, d_sched) -> dict:
+        """One update of D on real images and detached reconstructions; returns its logs."""
+        real_logits = self.discriminator(images)  # (B, 1, h, w); real and fake in separate passes, as VQGAN
+        fake_logits = self.discriminator(recon)
+        d_loss = self.d_loss_fn(real_logits, fake_logits)
+        d_opt.zero_grad(set_to_none=True)  # also drops anything the generator step left
+        self.manual_backward(d_loss)
+        self.clip_gradients(d_opt, gradient_clip_val=self.config["grad_clip"], gradient_clip_algorithm="norm")
+        # Not d_opt.step(): in manual optimization every LightningOptimizer.step() advances global_step, so two
+        # steps per batch would count each batch twice (max_steps, every_n_train_steps, val_check_interval, the
+        # schedules and resume all count batches). The strategy's optimizer_step is what LightningOptimizer.step()
+        # calls inside (precision plugin: AMP scaler, hooks), minus that counter.
+        self.trainer.strategy.optimizer_step(d_opt.optimizer, closure=_no_closure)
+        d_sched.step()
+        return {"train/d_loss": d_loss.detach(), "train/d_real": real_logits.detach().mean(),
+                "train/d_fake": fake_logits.detach().mean(), "train/d_lr": d_sched.get_last_lr()[0]}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["batches_seen"] = self.batches_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batches_seen = int(checkpoint.get("batches_seen", 0))
+        has_d = any(k.startswith("discriminator.") for k in checkpoint.get("state_dict", {}))
+        if has_d != (self.discriminator is not None):
+            was = "with" if has_d else "without"
+            raise ValueError(f"this checkpoint was trained {was} a discriminator, but tokenizer.loss.adversarial.weight="
+                             f"{self.adv['weight']}; resume with the run's own adversarial settings")
 
     # -- evaluation (EMA weights) ------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -152,6 +239,11 @@ class TokenizerModule(L.LightningModule):
         path = grid_path(self.output_dir, stage, self.global_step)
         save_reconstruction_grid(images[:n], recon[:n], path)
         self.last_grid = str(path)
+
+
+def _no_closure() -> None:
+    """The optimizer closure of a manual step: the backward already ran."""
+    return None
 
 
 def grid_path(output_dir: str, stage: str, step: int) -> Path:

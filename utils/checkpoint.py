@@ -105,3 +105,26 @@ def expect_kind(config: dict, kind: str, path) -> None:
     got = config.get("kind")
     if got != kind:
         raise CheckpointError(f"{path} is a {got or 'unknown'} checkpoint, but a {kind} checkpoint is needed here")
+
+
+def load_weights(model: torch.nn.Module, state: dict, path) -> None:
+    """Strict load, with an error that names what does not match."""
+    result = model.load_state_dict(state, strict=False)
+    shapes = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or shapes:
+        raise CheckpointError(f"weights in {path} do not match the config beside them: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def load_tokenizer(ckpt: str | Path, device: torch.device | str = "cpu"):
+    """(Tokenizer in eval mode, run config) from a tokenizer run folder, .ckpt or model.safetensors."""
+    from tokenizers.module import build_tokenizer
+
+    config, state, _ = resolve_checkpoint(ckpt)
+    expect_kind(config, "tokenizer", ckpt)
+    model = build_tokenizer(config["tokenizer"], config["data"]["channels"])
+    try:
+        load_weights(model, state, ckpt)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {ckpt} do not fit the tokenizer config beside them: {e}") from e
+    return model.to(device).eval(), config

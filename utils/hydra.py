@@ -38,3 +38,22 @@ def instantiate_dict(cfg: DictConfig | None, what: str) -> list:
             log.info("instantiating %s <%s>", what, node._target_)
             out.append(instantiate(node))
     return out
+
+
+def compose_with_hydra(config_name: str, overrides: list[str], output_dir: str | Path):
+    """compose() outside @hydra.main, with the hydra node set as a run in output_dir (tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    root = Path(__file__).resolve().parents[1]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = compose(config_name, overrides=[*overrides, f"hydra.run.dir={output_dir}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(root)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg

@@ -1,0 +1,372 @@
+"""The generator LightningModule: a thin system around a plain GPT / VAR / FlowAR network.
+
+It trains on token caches (data/token_cache.py): teacher-forced cross-entropy for GPT (raster codes) and
+VAR (next-scale codes, inputs from the frozen msvq), flow matching for FlowAR (scaled kl latents). AdamW
+(beta = 0.9, 0.95, decay on matrices only), warmup + cosine, gradient clipping, an EMA of the weights that
+evaluation, sample grids and the export use, bf16 autocast on CUDA only. Label dropout for classifier-free
+guidance happens inside the networks' forward (``drop_labels``).
+
+The tokenizer is frozen and held in a plain list, so it is no submodule: not in the state_dict, the .ckpt,
+model.safetensors or any optimizer. A generator's config names the tokenizer run and its hash;
+``load_generator`` refuses a tokenizer that changed or is missing.
+
+Also here, shared by train.py and sample.py: pairing checks, building a network from its config, turning
+sampled tokens into images, and the FID of a generator.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchvision.utils import save_image
+
+from decoding.ar import SamplingConfig, generate
+from utils.ema import EMA
+from utils.schedule import warmup_cosine
+
+log = logging.getLogger("tokar")
+
+# generator name -> the token layout it reads (data/token_cache.py)
+GENERATOR_LAYOUT = {"gpt": "raster", "var": "multiscale", "flowar": "latent"}
+
+
+#################################################################################
+#                      Pairing, model arguments, building                       #
+#################################################################################
+
+def check_pairing(generator: str, quantizer, tokenizer_path) -> None:
+    """Raise a ValueError unless the tokenizer's quantizer suits the generator (VAR: msvq, FlowAR: kl, GPT: discrete)."""
+    if generator not in GENERATOR_LAYOUT:
+        raise ValueError(f"unknown generator {generator!r}; one of {', '.join(GENERATOR_LAYOUT)}")
+    kind = type(quantizer).__name__
+    multiscale, continuous = getattr(quantizer, "multiscale", False), getattr(quantizer, "continuous", False)
+    if generator == "var" and not multiscale:
+        raise ValueError(f"generator=var needs a multi-scale VQ tokenizer (tokenizer=msvq), but {tokenizer_path} "
+                         f"is a {kind} tokenizer")
+    if generator == "flowar" and not continuous:
+        raise ValueError(f"generator=flowar needs a continuous tokenizer (tokenizer=kl), but {tokenizer_path} is a "
+                         f"{kind} tokenizer")
+    if generator == "gpt" and (multiscale or continuous or not quantizer.codebook_size):
+        what = "multi-scale" if multiscale else "continuous"
+        raise ValueError(f"generator=gpt needs a single-scale discrete tokenizer (vq, fsq, lfq, ...), but "
+                         f"{tokenizer_path} is a {what} {kind} tokenizer; use generator=var for msvq, "
+                         "generator=flowar for kl")
+
+
+def model_args(generator: str, tokenizer, image_size: int, num_classes: int, model_cfg: dict) -> dict:
+    """The constructor arguments that come from the tokenizer and the data (nanoGPT's model_args)."""
+    q = tokenizer.quantizer
+    shape = tokenizer.token_shape(image_size)
+    if generator == "gpt":
+        h, w = shape
+        return {"vocab_size": int(q.codebook_size), "num_classes": num_classes, "block_size": h * w,
+                "grid_size": [h, w]}
+    if generator == "var":
+        scales = [int(s) for s, _ in shape]
+        if model_cfg.get("scales") is not None and list(model_cfg["scales"]) != scales:
+            raise ValueError(f"generator.model.scales={list(model_cfg['scales'])} differ from the msvq tokenizer's "
+                             f"scales {scales}; drop the setting (VAR takes the tokenizer's)")
+        return {"vocab_size": int(q.codebook_size), "num_classes": num_classes, "scales": scales,
+                "code_dim": int(q.out_channels)}
+    h, w = shape
+    scales = list(model_cfg.get("scales") or [])
+    if h != w or (scales and scales[-1] != h):
+        raise ValueError(f"generator.model.scales={scales} must end at the kl tokenizer's latent size {h}x{w} "
+                         f"(square latents only), e.g. scales=[1,2,4,{h}]")
+    return {"latent_channels": int(q.out_channels), "num_classes": num_classes}
+
+
+def build_generator(config: dict) -> torch.nn.Module:
+    """The network from a generator run config: generator.model (with _target_) + model_args."""
+    return instantiate(config["generator"]["model"], _convert_="all", **config["model_args"])
+
+
+#################################################################################
+#                           Tokens <-> images                                   #
+#################################################################################
+
+def split_scales(codes: torch.Tensor, scales) -> list[torch.Tensor]:
+    """(B, L) multi-scale codes -> [(B, s, s)] per scale."""
+    out, begin = [], 0
+    for s in scales:
+        out.append(codes[:, begin:begin + s * s].reshape(codes.shape[0], s, s))
+        begin += s * s
+    return out
+
+
+@torch.no_grad()
+def decode_tokens(tokenizer, tokens, layout: str, token_shape, scale_factor: float = 1.0) -> torch.Tensor:
+    """Sampled tokens -> images (B, C, H, W) in [-1, 1]: GPT (B, L) codes, VAR [(B, s, s)], FlowAR scaled latents."""
+    device_type = (tokens[0] if isinstance(tokens, (list, tuple)) else tokens).device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        if layout == "raster":
+            h, w = token_shape
+            images = tokenizer.decode(tokens.reshape(tokens.shape[0], h, w))
+        elif layout == "multiscale":
+            images = tokenizer.decode(list(tokens))
+        else:
+            images = tokenizer.decode(tokens.float() / scale_factor)
+    return images.float().clamp(-1, 1)
+
+
+def sampling_config(defaults: dict, overrides: dict | None = None) -> SamplingConfig:
+    """The generator's sampling defaults with every non-null override on top."""
+    merged = dict(defaults or {})
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return SamplingConfig.from_any(merged)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample_images(model, tokenizer, labels: torch.Tensor, sampling: SamplingConfig, info: dict,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """Sample with decoding=ar and decode -> (images (B, C, H, W), stats + generate/decode seconds).
+
+    ``info`` is a generator config's "tokens" node (layout, token_shape, scale_factor). The two timings are
+    synchronized on CUDA so they can be added or reported apart.
+    """
+    layout = info["layout"]
+    msvq = tokenizer.quantizer if layout == "multiscale" else None
+    tokens, stats = generate(model, labels, sampling, generator, tokenizer=msvq)  # synchronized inside
+    t0 = time.perf_counter()
+    images = decode_tokens(tokenizer, tokens, layout, info["token_shape"], info.get("scale_factor", 1.0))
+    _sync(labels.device)
+    stats = dict(stats, generate_seconds=stats["wall_time"], decode_seconds=time.perf_counter() - t0)
+    return images, stats
+
+
+def describe_sampling(s: SamplingConfig, config: dict) -> str:
+    """The sampling settings that matter for a generator, in one line."""
+    name = config["generator"]["name"]
+    cfg = f"cfg ramp {s.cfg_scale:g}" if name == "var" else f"cfg {s.cfg_scale:g}"
+    if name == "flowar":
+        return f"{cfg}, {s.num_steps} Euler steps, guidance while t <= {s.guidance_until:g}"
+    return f"{cfg}, temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}"
+
+
+def class_grid_labels(num_classes: int, per_class: int, max_classes: int | None = None) -> torch.Tensor:
+    """Labels of a grid with one row per class: (rows * per_class,) as 0,0,..,1,1,.."""
+    rows = min(num_classes, max_classes) if max_classes else num_classes
+    return torch.arange(rows).repeat_interleave(per_class)
+
+
+def save_class_grid(images: torch.Tensor, per_class: int, path: str | Path) -> Path:
+    """Save images ordered class by class as a grid with one row per class and ``per_class`` columns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float().cpu(), path, nrow=per_class, normalize=True, value_range=(-1, 1), padding=1,
+               pad_value=0.5)
+    return path
+
+
+#################################################################################
+#                                   FID                                         #
+#################################################################################
+
+def make_fid(data: dict, split: str, reference_images: int | None, device) -> tuple[object, str]:
+    """An FID metric holding the cached reference statistics of ``data``'s split -> (metric, "name:split")."""
+    from evaluation.fid import FID, reference_statistics
+
+    stats = reference_statistics(data["name"], split, data["image_size"], reference_images)
+    fid = FID(device=device)
+    fid.set_real_statistics(stats.mu, stats.sigma, stats.n)
+    fid.num_real = stats.n
+    return fid, f"{data['name']}:{split}"
+
+
+@torch.no_grad()
+def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: SamplingConfig, batch_size: int,
+                  seed: int, device, split: str = "test", reference_images: int | None = None, rank: int = 0,
+                  world_size: int = 1, save_dir: str | Path | None = None) -> dict:
+    """FID of ``num_samples`` samples balanced over classes against the reference statistics of ``split``.
+
+    Rank r of ``world_size`` samples labels r, r + world, ... seeded ``seed * world + rank``; the FID states
+    are summed over ranks in ``compute`` (every rank must call this). ``save_dir``: also write PNGs.
+    """
+    from evaluation.fid import protocol_label
+
+    data = config["data"]
+    fid, real = make_fid(data, split, reference_images, device)
+    labels = (torch.arange(num_samples) % max(1, data["num_classes"]))[rank::world_size]
+    g = torch.Generator(device=device).manual_seed(seed * world_size + rank)
+    seconds = 0.0
+    for i in range(0, labels.shape[0], batch_size):
+        y = labels[i:i + batch_size].to(device)
+        images, stats = sample_images(model, tokenizer, y, sampling, config["tokens"], g)
+        seconds += stats["generate_seconds"] + stats["decode_seconds"]
+        fid.update(images, real=False)
+        if save_dir is not None:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            for j, (img, lab) in enumerate(zip(images, y.tolist())):
+                index = rank + world_size * (i + j)  # the global sample number
+                save_image(img.float().cpu(), Path(save_dir) / f"{index:06d}_class{lab}.png", normalize=True,
+                           value_range=(-1, 1))
+    value = fid.compute()
+    label = protocol_label(num_samples, real, data["image_size"], num_real=fid.num_real)
+    return {"fid": value, "protocol": f"{label}, EMA weights, decoding=ar ({describe_sampling(sampling, config)})",
+            "num_samples": num_samples, "sampling_seconds_rank0": round(seconds, 2)}
+
+
+#################################################################################
+#                               The system                                      #
+#################################################################################
+
+class GeneratorModule(L.LightningModule):
+    """Trains a GPT / VAR / FlowAR on cached tokens; evaluates, samples and exports its EMA weights."""
+
+    def __init__(self, config: dict, output_dir: str | None = None, tokenizer: torch.nn.Module | None = None):
+        """config: {"kind": "generator", "generator": <generator node>, "data": {...}, "tokenizer": {path, hash,
+        name}, "tokens": {layout, token_shape, scale_factor}, "model_args": {...}, "total_steps": int}.
+        tokenizer: the frozen tokenizer (else loaded from config["tokenizer"]["path"], hash-checked)."""
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config, self.output_dir = config["generator"], output_dir
+        self.run_config = config
+        self.layout = config["tokens"]["layout"]
+        self.total_steps = int(config["total_steps"])
+        self.model = build_generator(config)
+        self.ema = EMA(self.model, self.config["ema_decay"])
+        self._tokenizer: list = [tokenizer] if tokenizer is not None else []  # frozen, no submodule
+        self.batches_seen = 0  # drives the resumable data order
+        self.last_grid: str | None = None
+
+    # -- the frozen tokenizer ---------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> torch.nn.Module:
+        """The frozen tokenizer on this module's device (loaded and hash-checked on first use if not given)."""
+        if not self._tokenizer:
+            from data.token_cache import load_tokenizer_run
+
+            tok = self.run_config["tokenizer"]
+            self._tokenizer.append(load_tokenizer_run(tok["path"], self.device, tok["hash"]).model)
+        tok = self._tokenizer[0]
+        if next(tok.parameters()).device != self.device:
+            tok.to(self.device)
+        return tok
+
+    def _autocast(self):
+        """bf16 autocast on CUDA only (quantizers keep fp32 inside)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- loss -------------------------------------------------------------------------------------
+    def _loss(self, net, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, token accuracy or None) of a batch of cached codes under ``net``."""
+        if self.layout == "latent":
+            return net(codes.float(), labels), None
+        tokens = codes.long()  # (B, L)
+        if self.layout == "multiscale":
+            with torch.no_grad():
+                inputs = self.tokenizer.quantizer.teacher_inputs(split_scales(tokens, net.scales))  # (B, L-1, Cv)
+            logits = net(None, labels, inputs)  # (B, L, V)
+        else:
+            logits = net(tokens, labels)  # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        acc = (logits.argmax(-1) == tokens).float().mean()
+        return loss, acc
+
+    # -- training ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_cfg = self.config["optimizer"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; no decay on norms and biases
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": opt_cfg["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(opt_cfg["warmup_steps"], self.total_steps, opt_cfg["min_lr_ratio"]))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if gradient_clip_val is not None else self.config.get("grad_clip")
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def training_step(self, batch, batch_idx):
+        codes, labels = batch
+        with self._autocast():
+            loss, acc = self._loss(self.model, codes, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite generator loss at step {self.global_step}; lower "
+                                     "generator.optimizer.lr or raise warmup_steps")
+        self.batches_seen += 1
+        logs = {"train/loss": loss, "train/lr": self.lr_schedulers().get_last_lr()[0]}
+        if acc is not None:
+            logs["train/acc"] = acc
+        self.log_dict(logs, batch_size=labels.shape[0])
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=labels.shape[0])
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.model)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["batches_seen"] = self.batches_seen
+        # label dropout, dropout and flow noise draw from the global RNG: resume it too
+        checkpoint["rng_cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batches_seen = int(checkpoint.get("batches_seen", 0))
+        if "rng_cpu" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_cpu"])
+        if "rng_cuda" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+
+    # -- evaluation (EMA weights) -------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        codes, labels = batch
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # flow-matching noise: same draws every validation,
+            torch.manual_seed(batch_idx)  # and the training RNG stream is left untouched (exact resume)
+            with self._autocast():
+                loss, acc = self._loss(self.ema.shadow, codes, labels)
+        self.log("val/loss", loss, sync_dist=True, batch_size=labels.shape[0])
+        if acc is not None:
+            self.log("val/acc", acc, sync_dist=True, batch_size=labels.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.global_rank == 0 and self.output_dir and not self.trainer.sanity_checking:
+            path = Path(self.output_dir) / "samples" / f"val_samples_step{self.global_step:07d}.png"
+            self.last_grid = str(self.sample_grid(path))
+
+    @torch.no_grad()
+    def sample_grid(self, path: str | Path, sampling: SamplingConfig | None = None, seed: int | None = None) -> Path:
+        """A class-conditional grid of EMA samples: one row per class, eval.grid_per_class columns."""
+        ev = self.config["eval"]
+        per_class = int(ev["grid_per_class"])
+        labels = class_grid_labels(self.run_config["data"]["num_classes"], per_class, ev.get("grid_classes"))
+        g = torch.Generator(device=self.device).manual_seed(int(ev.get("seed", 0)) if seed is None else seed)
+        sampling = sampling or sampling_config(self.config["sampling"])
+        with self._autocast():
+            images, _ = sample_images(self.ema.shadow, self.tokenizer, labels.to(self.device), sampling,
+                                      self.run_config["tokens"], g)
+        return save_class_grid(images, per_class, path)
+
+    def fid(self, num_samples: int, batch_size: int = 64) -> dict:
+        """FID of the EMA weights on the dataset's test split (generator.eval settings)."""
+        ev = self.config["eval"]
+        with self._autocast():
+            return generator_fid(self.ema.shadow, self.tokenizer, self.run_config, num_samples,
+                                 sampling_config(self.config["sampling"]), batch_size, int(ev.get("seed", 0)),
+                                 self.device, ev.get("fid_split", "test"), ev.get("fid_reference_images"))
+
+
+def count_parameters(model: torch.nn.Module) -> str:
+    """'12.3M' / '45.6k' parameters."""
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"

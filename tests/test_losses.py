@@ -1,0 +1,281 @@
+"""Perceptual and adversarial tokenizer losses: the formulas, the PatchGAN, LPIPS's offline fallback,
+and adversarial training inside the LightningModule (steps, logging, resume)."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import TINY, compose_config, run_entry
+from tokenizers.discriminator import (PatchGAN, adaptive_weight, gan_losses, hinge_d_loss, hinge_g_loss,
+                                      non_saturating_d_loss, non_saturating_g_loss)
+from tokenizers.lpips import LPIPS, TAP_CHANNELS, VGG16_FILE, vgg16_features
+
+GAN = ["tokenizer.loss.adversarial.weight=0.1", "tokenizer.loss.adversarial.ndf=8", "test_after_training=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a loaded machine
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Formulas
+# ----------------------------------------------------------------------------------------------
+
+
+def test_adaptive_weight_matches_hand_computed_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    target = torch.randn(4, 2)
+    c = torch.randn(4, 2)
+    last = torch.nn.Parameter(torch.randn(3, 2))
+    out = x @ last  # (4, 2)
+    rec = (out - target).pow(2).sum()
+    g = (out * c).sum()
+    # By hand: d rec / d last = 2 x^T (x last - target); d g / d last = x^T c.
+    rec_grad = 2 * x.T @ (x @ last.detach() - target)
+    g_grad = x.T @ c
+    expected = 0.8 * rec_grad.norm() / (g_grad.norm() + 1e-4)
+
+    got = adaptive_weight(rec, g, last)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert not got.requires_grad and last.grad is None  # detached; .grad untouched
+    (rec + got * g).backward()  # the graph was kept for the real backward
+    assert torch.allclose(last.grad, rec_grad + expected * g_grad, rtol=1e-4, atol=1e-5)
+
+    out = x @ last  # a fresh graph: the backward above freed the old one
+    got = adaptive_weight(out.sum(), (out * c).sum(), last, scale=2.0, eps=0.0)  # d sum / d last = x^T 1
+    assert torch.allclose(got, 2.0 * (x.T @ torch.ones(4, 2)).norm() / g_grad.norm(), rtol=1e-5)
+    out = x @ last
+    tiny_g = 1e-12 * (out * c).sum()  # ||grad G|| ~ 0: the weight is clamped at max
+    assert float(adaptive_weight((out - target).pow(2).sum(), tiny_g, last, eps=0.0, max=1e4)) == 1e4
+
+
+def test_hinge_and_non_saturating_losses_on_hand_made_logits():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, 0.5, 2] -> 5/6; relu(1 + fake) = [0, 1, 2] -> 1
+    assert math.isclose(float(hinge_d_loss(real, fake)), 0.5 * (5 / 6 + 1), rel_tol=1e-6)
+    assert math.isclose(float(hinge_g_loss(fake)), 1 / 3, rel_tol=1e-6)  # -mean(fake)
+    # A confident, correct discriminator has zero hinge loss.
+    assert float(hinge_d_loss(torch.full((5,), 3.0), torch.full((5,), -3.0))) == 0.0
+    # Non-saturating: -log sigmoid, written out.
+    ns_d = 0.5 * (-torch.log(torch.sigmoid(real)).mean() - torch.log(1 - torch.sigmoid(fake)).mean())
+    assert torch.allclose(non_saturating_d_loss(real, fake), ns_d, rtol=1e-5)
+    assert torch.allclose(non_saturating_g_loss(fake), -torch.log(torch.sigmoid(fake)).mean(), rtol=1e-5)
+    assert gan_losses("hinge") == (hinge_d_loss, hinge_g_loss)
+    with pytest.raises(ValueError, match="hinge"):
+        gan_losses("wasserstein")
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_patchgan_shape_and_init(norm):
+    torch.manual_seed(0)
+    d = PatchGAN(in_channels=1, ndf=64, layers=3, norm=norm)
+    logits = d(torch.randn(2, 1, 32, 32))
+    assert logits.shape == (2, 1, 2, 2)  # 32 -> 16 -> 8 -> 4 (stride 2), -> 3 -> 2 (stride 1)
+    assert PatchGAN(3, ndf=8)(torch.randn(1, 3, 64, 64)).shape == (1, 1, 6, 6)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5 and convs[1].out_channels == 128 and convs[3].out_channels == 512
+    weights = torch.cat([m.weight.detach().flatten() for m in convs])
+    assert abs(float(weights.std()) - 0.02) < 1e-3 and abs(float(weights.mean())) < 1e-3
+    with pytest.raises(ValueError, match="batch or group"):
+        PatchGAN(norm="instance")
+
+
+# ----------------------------------------------------------------------------------------------
+# LPIPS
+# ----------------------------------------------------------------------------------------------
+
+
+def test_lpips_missing_backbone_warns_once_and_returns_zeros(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_torch_home"))
+    with caplog.at_level(logging.WARNING, logger="tokenizers.lpips"):
+        nets = [LPIPS(), LPIPS()]
+    warnings = [r for r in caplog.records if "LPIPS backbone weights not found" in r.getMessage()]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert str(tmp_path / "no_torch_home" / "hub" / "checkpoints" / VGG16_FILE) in msg
+    assert "tokenizer.loss.perceptual=0" in msg
+    x = torch.randn(3, 1, 32, 32, requires_grad=True)
+    for net in nets:
+        assert net.available is False and not list(net.parameters())
+        d = net(x, torch.zeros_like(x))
+        assert d.shape == (3,) and torch.equal(d, torch.zeros(3))
+
+
+def _fake_lpips_files(folder: Path) -> tuple[Path, Path]:
+    """A random VGG16 trunk (torchvision's key names) and random heads (lpips's), to test the loading code."""
+    torch.manual_seed(0)
+    trunk = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
+    backbone = folder / "hub" / "checkpoints" / VGG16_FILE
+    backbone.parent.mkdir(parents=True)
+    torch.save(trunk, backbone)
+    heads = folder / "vgg.pth"
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(TAP_CHANNELS)}, heads)
+    return backbone, heads
+
+
+def test_lpips_with_local_weights_is_a_frozen_distance_outside_the_state_dict(tmp_path, monkeypatch):
+    backbone, heads = _fake_lpips_files(tmp_path)
+    net = LPIPS(backbone, heads)
+    assert net.available and not any(p.requires_grad for p in net.parameters())
+    net.train()
+    assert not net.training  # stays in eval mode
+    x = torch.rand(2, 1, 16, 16) * 2 - 1  # small: VGG16 is slow on a loaded CPU
+    y = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert torch.allclose(net(x, x), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(net(x, y), net(x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)))  # gray = repeated RGB
+    x.requires_grad_(True)
+    d = net(x, y)
+    assert (d > 0).all()
+    d.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+    # Inside the LightningModule: used, but not a submodule, not optimized, not saved.
+    from tokenizers.module import TokenizerModule
+    import tokenizers.lpips as lpips_mod
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(lpips_mod, "default_heads_path", lambda: heads)
+    module = TokenizerModule(_module_config(tmp_path / "cfg", ["tokenizer.loss.perceptual=1.0"]))
+    assert module.perceptual_net is not None and module.perceptual_net.available
+    assert not any("lins" in k or "features" in k for k in module.state_dict())
+    optimized = {id(p) for g in module.configure_optimizers()[0][0].param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in module.perceptual_net.parameters()}
+    assert module.discriminator is None  # adversarial weight 0: no discriminator at all
+
+
+def _module_config(folder: Path, overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("train", TINY + overrides, folder)
+    return {"kind": "tokenizer", "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+            "data": {"name": "synthetic", "image_size": 32, "channels": 1, "num_classes": 4}, "total_steps": 6}
+
+
+# ----------------------------------------------------------------------------------------------
+# Adversarial training in the LightningModule
+# ----------------------------------------------------------------------------------------------
+
+
+def _train(folder: Path, overrides: list[str]):
+    from train import train
+
+    cfg = compose_config("train", TINY + overrides, folder)
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory):
+    """6 steps with the discriminator on from step 0 and a perceptual weight but no LPIPS weights."""
+    folder = tmp_path_factory.mktemp("gan")
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(folder / "no_torch_home"))
+        metrics, objects = _train(folder, GAN + ["tokenizer.loss.perceptual=1.0"])
+    return metrics, objects
+
+
+def _initial_discriminator(folder: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The discriminator a run starts from: train() seeds, then builds the module the same way."""
+    import lightning as L
+
+    from tokenizers.module import TokenizerModule
+
+    L.seed_everything(42, verbose=False)
+    module = TokenizerModule(_module_config(folder, overrides))
+    return {k: v.clone() for k, v in module.discriminator.state_dict().items()}
+
+
+def test_adversarial_step_trains_the_discriminator_and_logs(gan_run, tmp_path):
+    metrics, objects = gan_run
+    module, trainer = objects["model"], objects["trainer"]
+    for key in ("train/d_loss", "train/g_loss", "train/adaptive_weight", "train/l1"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert "train/lpips" not in metrics  # LPIPS weights are missing: the run went on without it
+    assert module.perceptual_net is not None and module.perceptual_net.available is False
+    # The discriminator moved away from its init, and its Adam took one step per batch.
+    init = _initial_discriminator(tmp_path, GAN + ["tokenizer.loss.perceptual=1.0"])
+    final = module.discriminator.state_dict()
+    weights = [k for k in init if k.endswith("weight")]
+    assert weights and all(not torch.equal(init[k], final[k]) for k in weights)
+    state = torch.load(objects["output_dir"] / "checkpoints" / "last.ckpt", weights_only=True)
+    d_keys = [k for k in state["state_dict"] if k.startswith("discriminator.")]
+    assert d_keys and not any("lpips" in k or k.startswith("_perceptual") for k in state["state_dict"])
+    assert len(state["optimizer_states"]) == 2
+    d_opt_state = state["optimizer_states"][1]["state"]
+    assert d_opt_state and all(int(s["step"]) == 6 for s in d_opt_state.values())
+    from safetensors.torch import load_file
+
+    exported = load_file(objects["output_dir"] / "model.safetensors")
+    assert not any(k.startswith("discriminator") for k in exported)
+    assert trainer.global_step == 6
+
+
+def test_global_step_counts_batches_with_two_optimizers(gan_run):
+    import json
+
+    _, objects = gan_run
+    assert objects["trainer"].global_step == 6 and objects["model"].batches_seen == 6
+    assert json.loads((objects["output_dir"] / "metrics.json").read_text())["steps"] == 6
+
+
+def test_before_start_step_the_discriminator_is_untouched(tmp_path):
+    overrides = GAN + ["tokenizer.loss.adversarial.start_step=100", "trainer.max_steps=2"]
+    metrics, objects = _train(tmp_path / "run", overrides)
+    module = objects["model"]
+    assert "train/d_loss" not in metrics and "train/g_loss" not in metrics and "train/l1" in metrics
+    assert objects["trainer"].global_step == 2
+    assert all(p.grad is None for p in module.discriminator.parameters())
+    assert not module.trainer.optimizers[1].state  # its Adam never stepped
+    init = _initial_discriminator(tmp_path / "init", overrides)
+    final = module.discriminator.state_dict()  # weights and BatchNorm statistics alike
+    assert init.keys() == final.keys() and all(torch.equal(init[k], final[k]) for k in init)
+
+
+def test_no_discriminator_when_weight_is_zero(tmp_path):
+    module_cfg = _module_config(tmp_path, [])
+    from tokenizers.module import TokenizerModule
+
+    module = TokenizerModule(module_cfg)
+    assert module.discriminator is None and not any(k.startswith("discriminator") for k in module.state_dict())
+    optimizers, schedulers = module.configure_optimizers()
+    assert len(optimizers) == 1 and len(schedulers) == 1
+
+
+def test_resume_restores_the_discriminator(tmp_path):
+    run = TINY + GAN + ["tokenizer.loss.adversarial.start_step=2", "callbacks.last_checkpoint.every_n_train_steps=3",
+                        "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null", "callbacks.progress_bar=null",
+                        "trainer.val_check_interval=6"]
+    env = {"OMP_NUM_THREADS": "1"}  # the same single thread as this process: the same numbers
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    _train(ref_dir, run[len(TINY):])  # the uninterrupted reference, in-process (one interpreter start less)
+    killed = run_entry("train.py", run + [f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=tests.helpers.KillAtStep",
+                                          "+callbacks.kill.step=4"], env=env)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed = run_entry("train.py", run + [f"ckpt_path={last}"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    want = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(last, weights_only=True)
+    assert want["global_step"] == got["global_step"] == 6
+    d_want = {k: v for k, v in want["state_dict"].items() if k.startswith("discriminator.")}
+    d_got = {k: v for k, v in got["state_dict"].items() if k.startswith("discriminator.")}
+    assert d_want and d_want.keys() == d_got.keys()
+    for k in d_want:
+        assert torch.allclose(d_want[k].float(), d_got[k].float(), atol=1e-6), k
+    # The discriminator's Adam state came back too (it took 4 steps: global steps 2..5).
+    for a, b in zip(want["optimizer_states"][1]["state"].values(), got["optimizer_states"][1]["state"].values()):
+        assert int(a["step"]) == int(b["step"]) == 4
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], atol=1e-6)
