@@ -192,8 +192,9 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
         print(f"grid: {grid} (rows = classes {classes}, {per_class} samples each)\n"
               f"{config['generator']['name']} decoding=ar ({describe_sampling(sampling, config)}) on {device}: "
               f"{speed['images_per_s']:.2f} images/s sampling tokens only, {speed['images_per_s_with_decode']:.2f} "
-              f"images/s including the tokenizer decode; {forwards} target forward passes per image "
-              f"(batch {speed['batch_size']})", flush=True)
+              f"images/s including the tokenizer decode; {forwards} target forward passes per image"
+              + (f" (+ {speed['flow_head_evaluations_per_image']} flow-head evaluations)" if
+                 "flow_head_evaluations_per_image" in speed else "") + f", batch {speed['batch_size']}", flush=True)
 
     # 2. FID over all ranks
     n_fid = int(cfg.fid.num_samples or 0)

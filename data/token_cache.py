@@ -150,7 +150,7 @@ def build_cache(tokenizer, dataset: Dataset, path: str | Path, layout: str, meta
         raise ValueError(f"unknown token layout {layout!r}; one of {LAYOUTS}")
     if path.is_file():
         return path
-    with _file_lock(path.with_name(path.name + ".lock")):
+    with _file_lock(path.with_name(f".{path.name}.lock")):
         if path.is_file():  # another rank built it while we waited
             return path
         partial = path.with_name(path.name + ".partial")
@@ -252,6 +252,18 @@ class TokenDataModule(ImageDataModule):
         super().__init__(name="token_cache", batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, val_split=val_split, test_split=test_split, seed=seed)
         self.caches = {k: str(v) for k, v in caches.items()}
+
+    def train_dataloader(self) -> DataLoader:
+        return self._own_generator(super().train_dataloader())
+
+    def _eval_loader(self, ds: Dataset) -> DataLoader:
+        return self._own_generator(super()._eval_loader(ds))
+
+    def _own_generator(self, loader: DataLoader) -> DataLoader:
+        """Each loader iterator draws its base seed from loader.generator, else from the global RNG, which label
+        dropout and flow noise use: a private generator keeps a resumed run's global RNG stream exact."""
+        loader.generator = torch.Generator().manual_seed(self.seed)
+        return loader
 
     def split(self, split: str) -> Dataset:
         if split not in self.caches:

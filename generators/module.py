@@ -238,6 +238,7 @@ class GeneratorModule(L.LightningModule):
         self.ema = EMA(self.model, self.config["ema_decay"])
         self._tokenizer: list = [tokenizer] if tokenizer is not None else []  # frozen, no submodule
         self.batches_seen = 0  # drives the resumable data order
+        self._resume_rng: dict | None = None  # the global RNG state of a resumed checkpoint, set at its first batch
         self.last_grid: str | None = None
 
     # -- the frozen tokenizer ---------------------------------------------------------------------
@@ -322,10 +323,16 @@ class GeneratorModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batches_seen = int(checkpoint.get("batches_seen", 0))
-        if "rng_cpu" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_cpu"])
-        if "rng_cuda" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+        self._resume_rng = {k: checkpoint[k] for k in ("rng_cpu", "rng_cuda") if k in checkpoint}
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # restored right before the first resumed batch, so nothing Lightning draws on the way shifts the stream
+        rng = self._resume_rng
+        if rng:
+            torch.set_rng_state(rng["rng_cpu"])
+            if "rng_cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["rng_cuda"])
+            self._resume_rng = None
 
     # -- evaluation (EMA weights) -------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.conftest import TINY, compose_config, run_entry
 from tokenizers.discriminator import (PatchGAN, adaptive_weight, gan_losses, hinge_d_loss, hinge_g_loss,
@@ -154,6 +153,22 @@ def test_lpips_with_local_weights_is_a_frozen_distance_outside_the_state_dict(tm
     assert module.discriminator is None  # adversarial weight 0: no discriminator at all
 
 
+def test_lpips_matches_the_lpips_package(tmp_path):
+    """Same trunk weights (random: nothing downloads) and the package's own heads -> the package's numbers."""
+    lpips = pytest.importorskip("lpips")
+    from tokenizers.lpips import default_heads_path
+
+    torch.manual_seed(0)
+    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    trunk = {f"features.{k}": v for s in range(1, 6) for k, v in getattr(ref.net, f"slice{s}").state_dict().items()}
+    torch.save(trunk, tmp_path / VGG16_FILE)
+    ours = LPIPS(tmp_path / VGG16_FILE, default_heads_path())
+    x, y = torch.rand(2, 1, 16, 16) * 2 - 1, torch.rand(2, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        want = ref(x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)).flatten()
+        assert torch.allclose(ours(x, y), want, rtol=1e-5, atol=1e-7)
+
+
 def _module_config(folder: Path, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
@@ -250,6 +265,14 @@ def test_no_discriminator_when_weight_is_zero(tmp_path):
     assert module.discriminator is None and not any(k.startswith("discriminator") for k in module.state_dict())
     optimizers, schedulers = module.configure_optimizers()
     assert len(optimizers) == 1 and len(schedulers) == 1
+    gan = TokenizerModule(_module_config(tmp_path, GAN))
+    optimizers, schedulers = gan.configure_optimizers()
+    assert len(optimizers) == 2 and len(schedulers) == 2
+    # Resuming across the switch fails with a message instead of Lightning's key / optimizer-count errors.
+    with pytest.raises(ValueError, match="without a discriminator"):
+        gan.on_load_checkpoint({"state_dict": dict(module.state_dict())})
+    with pytest.raises(ValueError, match="with a discriminator"):
+        module.on_load_checkpoint({"state_dict": dict(gan.state_dict())})
 
 
 def test_resume_restores_the_discriminator(tmp_path):

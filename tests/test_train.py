@@ -125,7 +125,7 @@ def test_resume_with_other_settings_names_them(tmp_path):
 def test_image_size_the_autoencoder_cannot_take(tmp_path):
     from train import train
 
-    cfg = compose_config("train", TINY + ["data.image_size=30"], tmp_path)
+    cfg = compose_config("train", TINY + ["data.image_size=31"], tmp_path)
     with pytest.raises(ValueError, match="not divisible"):
         train(cfg)
 

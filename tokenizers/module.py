@@ -111,7 +111,7 @@ class TokenizerModule(L.LightningModule):
         opt, sched = optimizers[0], schedulers[0]
         recon, q = self.model(images)  # (B, C, H, W)
         rec, parts = self.rec_loss(recon, images)
-        logs = {**{f"train/{k}": v for k, v in parts.items()}}
+        logs = {f"train/{k}": v for k, v in parts.items()}
         nll = rec  # what VQGAN's adaptive weight balances the GAN term against
         lpips = self.perceptual_net
         if lpips is not None:
@@ -212,13 +212,25 @@ class TokenizerModule(L.LightningModule):
                 getattr(self, f"{stage}_{name}").reset()
         bank = self._fid_images.pop(stage, [])
         if bank:
-            from evaluation.fid import fid_between
-
-            real = torch.cat([b[0] for b in bank])
-            fake = torch.cat([b[1] for b in bank])
-            out[f"{stage}/rfid"] = torch.tensor(fid_between(real, fake), dtype=torch.float32)
+            out[f"{stage}/rfid"] = torch.tensor(self._rfid(bank), dtype=torch.float32)
         self.log_dict(out, sync_dist=False)
         return out
+
+    def _rfid(self, bank: list) -> float:
+        """FID of reconstructions vs the same test images; the real side's statistics are cached on disk
+        (they are the first n images of the unshuffled test split on a single process)."""
+        from evaluation.fid import compute_statistics, fid_inception, frechet_distance, reference_statistics
+
+        real = torch.cat([b[0] for b in bank])
+        fake = torch.cat([b[1] for b in bank])
+        net = fid_inception(device=self.device)
+        data, dm = self.hparams.config["data"], self.trainer.datamodule
+        if self.trainer.world_size == 1 and dm is not None:
+            ref = reference_statistics(data["name"], dm.test_split, data["image_size"], real.shape[0], net=net)
+        else:
+            ref = compute_statistics([real], net=net)
+        gen = compute_statistics([fake], net=net)
+        return frechet_distance(ref.mu, ref.sigma, gen.mu, gen.sigma)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
