@@ -71,10 +71,11 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
 
 
 # -- generators ------------------------------------------------------------------------------------
-def load_generator(ckpt, device: torch.device | str = "cpu"):
+def load_generator(ckpt, device: torch.device | str = "cpu", tokenizer_path: str | None = None):
     """(generator in eval mode, its frozen tokenizer, run config) from a generator run, .ckpt or model.safetensors.
 
-    The tokenizer run named in the config must still exist with the same hash (CheckpointError otherwise).
+    The tokenizer run named in the config (or ``tokenizer_path``, e.g. after moving it) must exist and have the
+    hash the generator was trained with (CheckpointError otherwise).
     """
     from data.token_cache import load_tokenizer_run
     from generators.module import build_generator
@@ -82,10 +83,11 @@ def load_generator(ckpt, device: torch.device | str = "cpu"):
     config, state, _ = resolve_checkpoint(ckpt)
     expect_kind(config, "generator", ckpt)
     tok = config.get("tokenizer") or {}
-    if not tok.get("path") or not Path(tok["path"]).exists():
-        raise CheckpointError(f"the tokenizer run this generator was trained on ({tok.get('path')}) is missing; "
-                              f"{ckpt} cannot turn its codes into images without it")
-    tokenizer = load_tokenizer_run(tok["path"], device, expected_hash=tok.get("hash")).model
+    path = tokenizer_path or tok.get("path")
+    if not path or not Path(path).exists():
+        raise CheckpointError(f"the tokenizer run this generator was trained on ({path}) is missing; {ckpt} cannot "
+                              "turn its codes into images without it (moved? pass tokenizer_ckpt=<its new folder>)")
+    tokenizer = load_tokenizer_run(path, device, expected_hash=tok.get("hash")).model
     model = build_generator(config)
     try:
         load_weights(model, state, ckpt)
@@ -140,9 +142,8 @@ class Stopwatch:
 @torch.no_grad()
 def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     """Grid + speed (rank 0) and, with fid.num_samples > 0, the FID over all ranks; the result on rank 0."""
-    from generators.module import (class_grid_labels, decode_tokens, describe_sampling, generator_fid,
-                                   sampling_config, save_class_grid)
     from decoding.ar import generate
+    from generators.module import decode_tokens, describe_sampling, generator_fid, sampling_config, save_class_grid
 
     rank, world = distributed()
     device = pick_device(cfg.device)
@@ -151,7 +152,7 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     out = shared_output_dir(out, world)
     if cfg.decoding.name != "ar":
         raise ValueError(f"decoding={cfg.decoding.name} is not available yet; use decoding=ar")
-    model, tokenizer, config = load_generator(cfg.ckpt, device)
+    model, tokenizer, config = load_generator(cfg.ckpt, device, cfg.get("tokenizer_ckpt"))
     overrides = {k: cfg.get(k) for k in ("cfg_scale", "temperature", "top_k", "top_p", "num_steps", "guidance_until")}
     overrides.update({k: v for k, v in cfg.decoding.items() if k != "name"})
     sampling = sampling_config(config["generator"]["sampling"], overrides)
@@ -234,7 +235,11 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("sample.py needs a checkpoint: python sample.py ckpt=<run folder (outputs/<task>/<time>), "
                          ".ckpt or model.safetensors>")
     torch.manual_seed(cfg.seed)
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

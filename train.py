@@ -112,7 +112,8 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
 
     if not cfg.get("tokenizer_ckpt"):
         raise ValueError("task=generator needs the tokenizer whose codes it learns: tokenizer_ckpt=<tokenizer run "
-                         "folder> (outputs/tokenizer/<time>, from python train.py task=tokenizer tokenizer=msvq|kl|...)")
+                         "folder> (outputs/tokenizer/<time>, from python train.py task=tokenizer "
+                         "tokenizer=msvq|kl|...)")
     gen = cfg.generator.name
     if gen not in GENERATOR_LAYOUT:
         raise ValueError(f"unknown generator {gen!r}; one of {', '.join(GENERATOR_LAYOUT)}")
@@ -128,8 +129,10 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
 
     log.info("instantiating datamodule <%s> (images, for the token cache)", cfg.data._target_)
     images = instantiate(cfg.data)
-    caches = prepare_token_caches(run, images, ["train", cfg.data.val_split], Path(cfg.paths.data_dir) / "token_cache",
-                                  batch_size=int(cfg.data.eval_batch_size), device=device)
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):  # the model's init must not depend on whether
+        caches = prepare_token_caches(run, images, ["train", cfg.data.val_split],  # the caches existed already
+                                      Path(cfg.paths.data_dir) / "token_cache",
+                                      batch_size=int(cfg.data.eval_batch_size), device=device)
     meta = read_metadata(caches["train"])
     datamodule = TokenDataModule(caches, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                                  num_workers=cfg.data.num_workers, val_split=cfg.data.val_split,
@@ -202,14 +205,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
                        protocol=f"val/loss, val/acc: teacher-forced on the {cfg.data.val_split} split's token cache, "
                                 "EMA weights")
         n_fid = int(config["generator"]["eval"].get("fid_samples") or 0)
-        if n_fid and finished and trainer.is_global_zero:
+        if n_fid and finished:  # every rank samples its share; the FID states are summed over ranks
             log.info("FID on %d samples ...", n_fid)
-            fid = model.fid(n_fid, batch_size=int(cfg.data.eval_batch_size))
+            fid = model.fid(n_fid, int(cfg.data.eval_batch_size), trainer.global_rank, trainer.world_size)
             metrics["fid"] = fid["fid"]
             summary["fid"] = fid
-            for lg in trainer.loggers:
-                lg.log_metrics({"fid": fid["fid"]}, step=trainer.global_step)
-                lg.save()
+            if trainer.is_global_zero:
+                for lg in trainer.loggers:
+                    lg.log_metrics({"fid": fid["fid"]}, step=trainer.global_step)
+                    lg.save()
     if trainer.is_global_zero:
         atomic_replace(lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)), out / "metrics.json")
         print_summary(summary, out)

@@ -107,7 +107,7 @@ class Pair:
     theirs: Callable[[], Side]
 
 
-def make_pairs(dim: int, k: int, latent: int) -> list[Pair]:
+def make_pairs(dim: int, k: int, latent: int, msvq_dim: int = 32) -> list[Pair]:
     from vector_quantize_pytorch import FSQ as TFSQ
     from vector_quantize_pytorch import LFQ as TLFQ
     from vector_quantize_pytorch import ResidualVQ, VectorQuantize
@@ -171,11 +171,12 @@ def make_pairs(dim: int, k: int, latent: int) -> list[Pair]:
         Pair("msvq", "multi-scale residual VQ vs ResidualVQ",
              f"NOT the same algorithm: ours = VAR's multi-scale residual VQ (scales {scales}, area-down, "
              f"bicubic-up, phi convs 0.5, loss on the running sum), theirs = ResidualVQ at full resolution; "
-             f"equal number of stages ({len(scales)}), one shared codebook K={k}, d={dim}, learned codebook "
+             f"equal number of stages ({len(scales)}), one shared codebook K={k}, d={msvq_dim} (as in "
+             f"configs/tokenizer/msvq.yaml), learned codebook "
              f"(theirs learnable_codebook, ema_update off, commitment 0.25, no rotation trick); "
              f"usage = union of codes over all stages",
-             dim, lambda: Side(MultiScaleVQ(dim, k, scales=scales, beta=0.25), ours_call, k),
-             lambda: Side(ResidualVQ(dim=dim, num_quantizers=len(scales), codebook_size=k, shared_codebook=True,
+             msvq_dim, lambda: Side(MultiScaleVQ(msvq_dim, k, scales=scales, beta=0.25), ours_call, k),
+             lambda: Side(ResidualVQ(dim=msvq_dim, num_quantizers=len(scales), codebook_size=k, shared_codebook=True,
                                      learnable_codebook=True, ema_update=False, rotation_trick=False,
                                      kmeans_init=False, commitment_weight=0.25), theirs_rvq_call, k)),
     ]
@@ -228,9 +229,9 @@ def speed_ratio(pair: Pair, batch: int, latent: int, rounds: int, target_s: floa
 
 
 class TinyAE(nn.Module):
-    """(B, 1, 32, 32) -> 8x8 latents with `channels` channels -> (B, 1, 32, 32); about 0.1M weights."""
+    """(B, 1, 32, 32) -> 8x8 latents with `channels` channels -> (B, 1, 32, 32); ~30k weights at width 16."""
 
-    def __init__(self, channels: int, width: int = 32):
+    def __init__(self, channels: int, width: int = 16):
         super().__init__()
         w = width
         self.encoder = nn.Sequential(
@@ -249,19 +250,24 @@ class TinyAE(nn.Module):
 
 
 def load_images(split: str) -> torch.Tensor:
-    """The whole split as float (N, 1, 32, 32) in [-1, 1], via data.registry.load_split."""
+    """The whole split (N, 1, 32, 32), via data.registry.load_split: uint8 when the dataset keeps its images in
+    memory (converted per batch with the dataset's own uint8 -> [-1, 1] transform), else float in [-1, 1]."""
     from data.registry import load_split
 
     ds = load_split("fashion_mnist", split)
-    if hasattr(ds, "images"):  # the in-memory uint8 tensor: the same transform as ds[i], without a Python loop
-        from data.transforms import uint8_to_float
-
-        return uint8_to_float(ds.images)
+    if hasattr(ds, "images") and ds.images.dtype == torch.uint8:
+        return ds.images
     return torch.stack([ds[i][0] for i in range(len(ds))])
 
 
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    from data.transforms import uint8_to_float
+
+    return uint8_to_float(x) if x.dtype == torch.uint8 else x
+
+
 def train_usage(pair: Pair, make_side: Callable[[], Side], train_x: torch.Tensor, test_x: torch.Tensor,
-                steps: int, batch: int, lr: float, seed: int, eval_batch: int = 500) -> tuple[float, float]:
+                steps: int, batch: int, lr: float, seed: int, eval_batch: int = 100) -> tuple[float, float]:
     """Train TinyAE + quantizer; return (usage over the test split, final-50-step mean L1)."""
     torch.manual_seed(seed)
     ae = TinyAE(pair.channels)  # built first: identical weights for ours and theirs
@@ -275,7 +281,7 @@ def train_usage(pair: Pair, make_side: Callable[[], Side], train_x: torch.Tensor
     ae.train(), side.train()
     l1s = []
     for _ in range(steps):
-        x = train_x[torch.randint(0, len(train_x), (batch,), generator=gen)]
+        x = as_float(train_x[torch.randint(0, len(train_x), (batch,), generator=gen)])
         quantized, _, qloss = side(ae.encoder(x))
         l1 = (ae.decoder(quantized) - x).abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -283,15 +289,34 @@ def train_usage(pair: Pair, make_side: Callable[[], Side], train_x: torch.Tensor
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        l1s.append(float(l1))
+        l1s.append(float(l1.detach()))
     ae.eval(), side.eval()
     seen = torch.zeros(side.codebook_size, dtype=torch.bool)
     with torch.no_grad():
         for i in range(0, len(test_x), eval_batch):
-            _, indices, _ = side(ae.encoder(test_x[i:i + eval_batch]))
+            _, indices, _ = side(ae.encoder(as_float(test_x[i:i + eval_batch])))
             for idx in indices:
                 seen[idx.reshape(-1).long()] = True
     return float(seen.float().mean()), statistics.mean(l1s[-50:])
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(args: dict) -> None:
+    """Per worker process: thread count, the data (loaded once), the pairs."""
+    torch.set_num_threads(args["train_threads"])
+    _WORKER.update(args=args, train_x=load_images("train"), test_x=load_images("test"),
+                   pairs={p.key: p for p in make_pairs(args["dim"], args["codebook"], args["latent"],
+                                                       args["msvq_dim"])})
+
+
+def _usage_task(task: tuple[str, str]):
+    key, side = task
+    a, pair = _WORKER["args"], _WORKER["pairs"][key]
+    res = train_usage(pair, pair.ours if side == "ours" else pair.theirs, _WORKER["train_x"], _WORKER["test_x"],
+                      a["steps"], a["train_batch"], a["lr"], a["seed"])
+    return key, side, res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,13 +357,16 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=8, help="feature map side (8 -> 8x8)")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--codebook", type=int, default=1024)
+    parser.add_argument("--msvq-dim", type=int, default=32, help="dim of the msvq / ResidualVQ pair (config: 32)")
     parser.add_argument("--rounds", type=int, default=15, help="alternating ours/theirs rounds per quantizer")
     parser.add_argument("--target-s", type=float, default=0.3, help="seconds per side per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the speed test (both sides)")
     parser.add_argument("--steps", type=int, default=250, help="training steps per usage run (0 = skip usage)")
     parser.add_argument("--train-batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-threads", type=int, default=2, help="torch threads for the usage runs")
+    parser.add_argument("--train-threads", type=int, default=1,
+                        help="torch threads for the usage runs (2 threads on a shared 2-core box can be 5x slower)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes for the usage runs (1 = inline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", action="store_true", help=f"append the table to {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
@@ -347,7 +375,7 @@ def main() -> None:
     from importlib.metadata import version
 
     vqp_version = version("vector-quantize-pytorch")
-    pairs = make_pairs(args.dim, args.codebook, args.latent)
+    pairs = make_pairs(args.dim, args.codebook, args.latent, args.msvq_dim)
     if args.only:
         unknown = set(args.only) - {p.key for p in pairs}
         if unknown:
@@ -367,16 +395,30 @@ def main() -> None:
 
     usage = {}
     if args.steps > 0:
-        torch.set_num_threads(args.train_threads)
-        train_x, test_x = load_images("train"), load_images("test")
+        # 2 x len(pairs) independent runs (each fully seeded), spread over --jobs single-threaded worker processes;
+        # the slowest runs go first so the workers finish together.
+        order = ["msvq", "lfq", "vq_ema", "vq", "simvq", "vq_cos", "fsq"]
+        tasks = sorted([(p.key, side) for p in pairs for side in ("theirs", "ours")],
+                       key=lambda t: (order.index(t[0]) if t[0] in order else len(order), t[1] != "theirs"))
+        results = {}
+        if args.jobs > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(args.jobs, initializer=_init_worker, initargs=(vars(args),)) as pool:
+                for key, side, res in pool.imap_unordered(_usage_task, tasks):
+                    results[key, side] = res
+                    print(f"[usage] {key:7s} {side:6s} {res[0]:.1%} (L1 {res[1]:.3f})  "
+                          f"[{time.time() - started:.0f}s]", flush=True)
+        else:
+            _init_worker(vars(args))
+            for task in tasks:
+                key, side, res = _usage_task(task)
+                results[key, side] = res
+                print(f"[usage] {key:7s} {side:6s} {res[0]:.1%} (L1 {res[1]:.3f})  [{time.time() - started:.0f}s]",
+                      flush=True)
         for pair in pairs:
-            u_ours, l1_ours = train_usage(pair, pair.ours, train_x, test_x, args.steps, args.train_batch, args.lr,
-                                          args.seed)
-            u_theirs, l1_theirs = train_usage(pair, pair.theirs, train_x, test_x, args.steps, args.train_batch,
-                                              args.lr, args.seed)
+            (u_ours, l1_ours), (u_theirs, l1_theirs) = results[pair.key, "ours"], results[pair.key, "theirs"]
             usage[pair.key] = (u_ours, u_theirs, l1_ours, l1_theirs)
-            print(f"[usage] {pair.key:7s} ours {u_ours:.1%} (L1 {l1_ours:.3f})  theirs {u_theirs:.1%} "
-                  f"(L1 {l1_theirs:.3f})  [{time.time() - started:.0f}s]", flush=True)
 
     def pct(x):
         return f"{x:.1%}"
@@ -398,19 +440,21 @@ def main() -> None:
         f"machine: {machine()}; torch {torch.__version__}; vector-quantize-pytorch {vqp_version}; "
         f"seed {args.seed}; total wall time {time.time() - started:.0f} s.\n"
         f"- Speed: forward + backward in training mode (EMA / dead-code / entropy work included), fp32, CPU, "
-        f"torch.set_num_threads({args.threads}) for both; input B={args.batch} x C x {args.latent}x{args.latent}; "
-        f"{args.rounds} alternating rounds after warm-up; ratio = their time / our time per round "
-        f"(>= 1.0: ours at least as fast). Each side is called on the (B, C, H, W) map and returns one; "
+        f"torch.set_num_threads({args.threads}) for both; input B={args.batch} x C x {args.latent}x{args.latent} "
+        f"(C = {args.dim}; {args.codebook.bit_length() - 1} bits for LFQ; {args.msvq_dim} for msvq); "
+        f"{args.rounds} alternating rounds after warm-up (who goes first alternates); ratio = their time / our "
+        f"time per round (>= 1.0: ours at least as fast). Each side takes and returns the (B, C, H, W) map; "
         f"layout changes a library needs are inside its timing.\n"
-        f"- Usage: the same ~0.1M-weight conv autoencoder (32x32 -> 8x8, 1x1 convs into and out of the "
-        f"quantizer, identical initial weights for ours and theirs), L1 + quantizer loss, AdamW lr {args.lr} "
-        f"(betas 0.9/0.95, 10% linear warmup), grad clip 1, {args.steps} steps x batch {args.train_batch}, "
-        f"the same batches, {args.train_threads} threads; usage = distinct codes over the whole Fashion-MNIST "
-        f"test split (10k images, eval mode) / codebook size. Each library keeps its own codebook init "
-        f"(ours U(±1/K), theirs kaiming-uniform for VQ). A short run: usage here is early-training usage.\n"
+        f"- Usage: the same tiny conv autoencoder (`TinyAE`, width 16, 32x32 -> 8x8, identical initial weights "
+        f"for ours and theirs), L1 + quantizer loss, AdamW lr {args.lr} (betas 0.9/0.95, 10% linear warmup), "
+        f"grad clip 1, {args.steps} steps x batch {args.train_batch}, the same batches, "
+        f"{args.train_threads} thread(s) per run, {args.jobs} runs at a time; usage = distinct codes over the "
+        f"whole Fashion-MNIST test split (10k images, eval mode) / codebook size; 'train L1' = mean L1 of the "
+        f"last 50 training steps. Each library keeps its own codebook init (VQ: ours U(±1/K), theirs "
+        f"kaiming-uniform). A short run: this is early-training usage, and one seed.\n"
         f"- multi-scale residual VQ ≠ ResidualVQ: ours quantizes area-downsampled residuals at growing scales "
-        f"and adds bicubic-upsampled, phi-refined code maps (VAR); theirs quantizes the full-resolution residual "
-        f"at every stage. They are compared at an equal number of stages only.\n")
+        f"and adds bicubic-upsampled, phi-refined code maps (VAR); theirs quantizes the full-resolution "
+        f"residual at every stage. They are compared at an equal number of stages only.\n")
     text = f"{SECTION}\n\n{table}\n\n{notes}"
     print("\n" + text)
     if args.append:

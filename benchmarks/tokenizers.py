@@ -29,7 +29,7 @@ def compose(name: str, steps: int, out: Path, extra: list[str]):
 
     overrides = [f"tokenizer={name}", "data=fashion_mnist", f"trainer.max_steps={steps}",
                  f"trainer.val_check_interval={steps + 1}", "trainer.enable_progress_bar=false",
-                 "trainer.enable_model_summary=false", "callbacks=none", "logger=null", *extra]
+                 "trainer.enable_model_summary=false", "callbacks=none", "~logger", *extra]
     return compose_with_hydra("train", overrides, out)
 
 
@@ -62,11 +62,12 @@ def main() -> None:
     from train import train
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    rows = []
+    rows, batch = [], None
     for name in args.only:
         out = ROOT / "outputs" / "bench_tokenizers" / stamp / name
         cfg = compose(name, args.steps, out, [f"tokenizer.eval.rfid_images={args.rfid_images}", *args.extra])
         metrics, objects = train(cfg)
+        batch = cfg.data.batch_size
         summary = json.loads((out / "metrics.json").read_text())
         step_ms = 1000 * summary["train_seconds"] / max(1, summary["steps"])
         row = {"tokenizer": name, "psnr": metrics.get("test/psnr"), "ssim": metrics.get("test/ssim"),
@@ -88,7 +89,7 @@ def main() -> None:
     table = "\n".join(lines)
     cmd = "python benchmarks/tokenizers.py " + " ".join(sys.argv[1:])
     header = (f"\n## Tokenizers on Fashion-MNIST\n\n`{cmd}` — {datetime.date.today()}, {os.cpu_count()} CPU cores "
-              f"({platform.processor() or platform.machine()}), seed 42. Budget: {args.steps} steps, batch 64, "
+              f"({platform.processor() or platform.machine()}), seed 42. Budget: {args.steps} steps, batch {batch}, "
               f"same autoencoder ({' '.join(args.extra)}), 32x32, f4. PSNR/SSIM per image on uint8 and "
               f"usage/perplexity over all 10k test images (EMA weights); rFID = FID-{args.rfid_images} of "
               "reconstructions vs the same test images, standard Inception (TF 2015-12-05), torchmetrics. "

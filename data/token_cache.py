@@ -168,7 +168,8 @@ def build_cache(tokenizer, dataset: Dataset, path: str | Path, layout: str, meta
             if chunk_file.is_file():
                 continue  # done before a restart
             lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-            loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers)
+            loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers,
+                                generator=torch.Generator())  # no draw from the global RNG
             codes, labels = [], []
             for images, y in loader:
                 codes.append(encode_batch(tokenizer, images.to(device), layout))

@@ -41,7 +41,7 @@ GENERATOR_LAYOUT = {"gpt": "raster", "var": "multiscale", "flowar": "latent"}
 #################################################################################
 
 def check_pairing(generator: str, quantizer, tokenizer_path) -> None:
-    """Raise a ValueError unless the tokenizer's quantizer suits the generator (VAR: msvq, FlowAR: kl, GPT: discrete)."""
+    """A ValueError unless the tokenizer's quantizer suits the generator (VAR: msvq, FlowAR: kl, GPT: discrete)."""
     if generator not in GENERATOR_LAYOUT:
         raise ValueError(f"unknown generator {generator!r}; one of {', '.join(GENERATOR_LAYOUT)}")
     kind = type(quantizer).__name__
@@ -364,13 +364,14 @@ class GeneratorModule(L.LightningModule):
                                       self.run_config["tokens"], g)
         return save_class_grid(images, per_class, path)
 
-    def fid(self, num_samples: int, batch_size: int = 64) -> dict:
-        """FID of the EMA weights on the dataset's test split (generator.eval settings)."""
+    def fid(self, num_samples: int, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict:
+        """FID of the EMA weights against the dataset's eval.fid_split (every rank calls it; states are summed)."""
         ev = self.config["eval"]
         with self._autocast():
             return generator_fid(self.ema.shadow, self.tokenizer, self.run_config, num_samples,
                                  sampling_config(self.config["sampling"]), batch_size, int(ev.get("seed", 0)),
-                                 self.device, ev.get("fid_split", "test"), ev.get("fid_reference_images"))
+                                 self.device, ev.get("fid_split", "test"), ev.get("fid_reference_images"),
+                                 rank, world_size)
 
 
 def count_parameters(model: torch.nn.Module) -> str:

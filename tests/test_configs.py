@@ -13,8 +13,8 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIGS) / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-GROUP_CASES = [(g, o) for g in ("tokenizer", "data", "trainer", "logger", "callbacks", "debug", "experiment")
-               for o in options(g)]
+GROUP_CASES = [(g, o) for g in ("tokenizer", "generator", "data", "trainer", "logger", "callbacks", "debug",
+                                 "experiment") for o in options(g)]
 
 
 @pytest.mark.parametrize("group,option", GROUP_CASES, ids=[f"{g}={o}" for g, o in GROUP_CASES])
@@ -26,11 +26,14 @@ def test_every_config_composes(group, option, tmp_path):
     if group == "tokenizer":
         assert cfg.tokenizer.quantizer._target_.startswith("tokenizers.")
         assert cfg.tokenizer.autoencoder.ch > 0  # the shared _autoencoder defaults were merged in
+    if group == "generator":
+        assert cfg.generator.name == option and cfg.generator.model._target_.startswith("generators.")
 
 
 def test_sample_config_composes(tmp_path):
     cfg = compose_config("sample", ["ckpt=some/run"], tmp_path)
     assert cfg.ckpt == "some/run" and cfg.num_images > 0
+    assert cfg.decoding.name == "ar" and cfg.fid.num_samples == 0
 
 
 def test_unknown_option_lists_valid_ones(tmp_path):

@@ -7,6 +7,9 @@ f4 autoencoders (4x4 latents: msvq scales 1,2,4 = 21 tokens, GPT 16 tokens, Flow
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -48,7 +51,8 @@ def make_tokenizer_run(path: Path, kind: str, seed: int = 0) -> Path:
     """An untrained tokenizer exported as a finished run (model.safetensors + config.yaml)."""
     from tokenizers.module import build_tokenizer
 
-    config = {"kind": "tokenizer", "tokenizer": {"name": kind, "quantizer": QUANTIZERS[kind], "autoencoder": AUTOENCODER},
+    config = {"kind": "tokenizer",
+              "tokenizer": {"name": kind, "quantizer": QUANTIZERS[kind], "autoencoder": AUTOENCODER},
               "data": {"name": "synthetic", "image_size": SIZE, "channels": 1, "num_classes": 4}}
     torch.manual_seed(seed)
     export_run(build_tokenizer(config["tokenizer"], 1), config, path, kind="tokenizer")
@@ -230,6 +234,14 @@ def test_gpt_and_flowar_train_and_sample_in_process(gen, tok, tok_runs, tmp_path
     assert result["rows"] == [1, 3] and (tmp_path / "sample" / "metrics.json").exists()
 
 
+def test_generator_fast_dev_run(tok_runs, tmp_path):
+    from train import train
+
+    metrics, objects = train(compose_config("train", gen_overrides("var", tok_runs["msvq"], tmp_path / "data") + [
+        "debug=fdr"], tmp_path / "gen"))
+    assert objects["trainer"].global_step == 1 and "val/loss" in metrics
+
+
 @pytest.mark.parametrize("gen,tok,message", [
     ("gpt", "msvq", "generator=gpt needs a single-scale discrete tokenizer"),
     ("gpt", "kl", "generator=gpt needs a single-scale discrete tokenizer"),
@@ -269,12 +281,17 @@ def test_loading_a_generator_whose_tokenizer_is_missing_or_changed(tmp_path):
                          tmp_path / "gen"))
     model, tokenizer, config = load_generator(tmp_path / "gen")
     assert config["tokenizer"]["hash"] == token_cache.tokenizer_hash(tok)
+    from_ckpt, _, _ = load_generator(tmp_path / "gen" / "checkpoints" / "last.ckpt")  # EMA weights of the .ckpt
+    for (k, a), b in zip(model.state_dict().items(), from_ckpt.state_dict().values()):
+        assert torch.equal(a, b), k
     perturb_weights(tok)
     with pytest.raises(CheckpointError, match="changed since the generator was trained"):
         load_generator(tmp_path / "gen")
     tok.rename(tmp_path / "moved")
     with pytest.raises(CheckpointError, match="is missing"):
         load_generator(tmp_path / "gen")
+    with pytest.raises(CheckpointError, match="changed since"):  # found again, but still the changed one
+        load_generator(tmp_path / "gen", tokenizer_path=str(tmp_path / "moved"))
 
 
 class Killed(Exception):
@@ -305,7 +322,8 @@ def test_generator_kill_resume_equals_uninterrupted(tok_runs, tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == 5
     _, objects = train(compose_config("train", run + [f"ckpt_path={last}"], tmp_path / "run"))
     assert objects["trainer"].global_step == 9  # 48 images / 8 = 6 batches per epoch: the resume crosses an epoch
-    ref, got = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.allclose(ref[k], got[k], atol=1e-5), k
@@ -367,3 +385,24 @@ def test_real_fid_through_sample_py(tok_runs, tmp_path):
                                      "samples_per_class=1"], tmp_path / "sample")
     result = run(scfg, tmp_path / "sample")
     assert result["fid"]["fid"] > 0 and "FID-8 vs synthetic:test (32)" in result["fid"]["protocol"]
+
+
+
+@pytest.mark.slow
+def test_fid_over_two_gloo_ranks_covers_every_sample_once(tok_runs, tmp_path):
+    """torchrun with 2 CPU processes: each rank samples its share, one FID over all of them from rank 0."""
+    from train import train
+
+    train(compose_config("train", gen_overrides("var", tok_runs["msvq"], tmp_path / "data") + ["trainer.max_steps=2"],
+                         tmp_path / "gen"))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port=29571", "sample.py",
+                           f"ckpt={tmp_path / 'gen'}", "fid.num_samples=10", "fid.reference_images=32",
+                           "fid.save_samples=true", "samples_per_class=1", f"hydra.run.dir={tmp_path / 'sample'}"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _ok(proc)
+    result = json.loads((tmp_path / "sample" / "metrics.json").read_text())
+    assert result["world_size"] == 2 and result["fid"]["num_samples"] == 10
+    names = sorted(p.name for p in (tmp_path / "sample" / "samples").glob("*.png"))
+    assert [n[:6] for n in names] == [f"{i:06d}" for i in range(10)]

