@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ from utils.checkpoint import (CheckpointError, atomic_replace, expect_kind, load
 from utils.hydra import register_resolvers
 
 log = logging.getLogger("tokar")
+# Lightning noise that says nothing about the run: the EMA copy is meant to stay in eval mode.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 
 
 def pick_device(name: str) -> torch.device:

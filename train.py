@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from utils.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_replace
 from utils.hydra import instantiate_dict, register_resolvers
 
 log = logging.getLogger("tokar")
+# Lightning noise that says nothing about the run: the EMA copy is meant to stay in eval mode.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 TASKS = ("tokenizer", "generator")
 # (best.ckpt monitor, its mode, the metric main() returns to a sweeper) by task
 TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss")}

@@ -1,4 +1,4 @@
-"""Turning logits into tokens: temperature, top-k, top-p, classifier-free guidance, seeded multinomial.
+"""Turning logits into tokens: temperature, top-k, top-p, classifier-free guidance, seeded inverse-CDF sampling.
 
 Every function works on logits (..., V) with any leading shape. Filtered-out entries become -inf, so
 ``softmax`` gives them exactly zero probability. Samplers draw only from the passed ``torch.Generator``
@@ -69,4 +69,11 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
         return logits.argmax(-1)
     probs = logits_to_probs(logits, temperature, top_k, top_p)
     flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    # Inverse-CDF draw: one uniform per row against the cumulative probabilities. Exact, and 14-19x
+    # faster than torch.multinomial on CPU at these sizes (benchmarks/RESULTS.md, "Generators").
+    cdf = flat.cumsum(-1)  # (N, V)
+    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_max(flat.shape[-1] - 1)  # (N, 1)
+    # rounding can land u past the last nonzero entry; step back onto the support
+    idx = torch.where(flat.gather(1, idx) > 0, idx, (flat > 0).long().cumsum(-1).argmax(-1, keepdim=True))
+    return idx.view(probs.shape[:-1])
