@@ -381,7 +381,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown keys {sorted(unknown)}; choose from {[p.key for p in pairs]}")
         pairs = [p for p in pairs if p.key in args.only]
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()[0]
     print(f"vector-quantize-pytorch {vqp_version} ({Path(vector_quantize_pytorch.__file__).parent}), "
           f"torch {torch.__version__}", flush=True)
 
@@ -438,7 +438,8 @@ def main() -> None:
     notes = (
         f"- Command: `{command}` (from the repo root); date {datetime.date.today().isoformat()}; "
         f"machine: {machine()}; torch {torch.__version__}; vector-quantize-pytorch {vqp_version}; "
-        f"seed {args.seed}; total wall time {time.time() - started:.0f} s.\n"
+        f"seed {args.seed}; total wall time {time.time() - started:.0f} s; 1-min load average "
+        f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end (other jobs share the machine).\n"
         f"- Speed: forward + backward in training mode (EMA / dead-code / entropy work included), fp32, CPU, "
         f"torch.set_num_threads({args.threads}) for both; input B={args.batch} x C x {args.latent}x{args.latent} "
         f"(C = {args.dim}; {args.codebook.bit_length() - 1} bits for LFQ; {args.msvq_dim} for msvq); "

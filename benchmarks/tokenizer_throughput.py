@@ -1,6 +1,6 @@
 """Training steps/s and encode / decode images/s of the demo tokenizer on CPU (fp32): indicative numbers.
 
-    python benchmarks/tokenizer_throughput.py [--threads 1 2] [--rounds 7] [--append] [override ...]
+    python benchmarks/tokenizer_throughput.py [override ...] [--threads 1 2] [--rounds 7] [--append]
 
 The tokenizer is built from the composed Hydra config (`train` + `experiment=demo` when
 configs/experiment/demo.yaml exists, else the defaults; extra Hydra overrides may follow) with
@@ -213,7 +213,7 @@ def main() -> None:
     for c in caveats:
         print(f"warning: {c}", file=sys.stderr)
 
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()[0]
     rows, details = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -241,7 +241,8 @@ def main() -> None:
         f"{args.rounds} rounds (order rotating) after warm-up, ~{args.target_s:g} s per measurement per round.\n\n"
         f"- Command: `{command.strip()}` (from the repo root); date {datetime.date.today().isoformat()}; "
         f"machine: {machine()}; torch {torch.__version__}; fp32, CPU, torch.set_num_threads as in the "
-        f"`threads` column; seed {seed}; wall time {time.time() - started:.0f} s.\n"
+        f"`threads` column; seed {seed}; wall time {time.time() - started:.0f} s; 1-min load average "
+        f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end.\n"
         f"- Model: `build_tokenizer(cfg.tokenizer)` from `train` + {used_overrides or 'defaults'}: "
         f"{tok['name']} quantizer {tok['quantizer']['_target_'].rsplit('.', 1)[-1]}, autoencoder "
         f"{tok['autoencoder']}, {params / 1e6:.2f}M parameters, {cfg.data.name} "
