@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,19 +33,11 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import RESULTS, append_results, machine  # noqa: E402
+
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-RESULTS_HEADER = """# tokar benchmark results
-
-Numbers measured with the scripts in `benchmarks/`, following ../shared/BENCHMARKING.md: speed as
-ratios measured within one process (alternating A/B rounds after warm-up, median with min-max),
-absolute times only from a GPU unless labelled indicative, and every section carries the command,
-date, machine, library versions and seed that produced it. Each section is appended by the script
-named in it; later runs add new sections rather than editing old ones.
-"""
 SECTION = "## Quantizers vs vector-quantize-pytorch"
 
 
@@ -322,32 +312,6 @@ def _usage_task(task: tuple[str, str]):
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores (nproc {nproc()}), {model}, {platform.system()} {platform.machine()}"
-
-
-def nproc() -> str:
-    try:
-        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return str(os.cpu_count())
-
-
-def append_results(text: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(RESULTS_HEADER)
-    with RESULTS.open("a") as f:
-        f.write("\n" + text)
 
 
 def main() -> None:

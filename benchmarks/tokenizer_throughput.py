@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,17 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import RESULTS, append_results, machine  # noqa: E402
+
 import torch  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-RESULTS_HEADER = """# tokar benchmark results
-
-Numbers measured with the scripts in `benchmarks/`, following ../shared/BENCHMARKING.md: speed as
-ratios measured within one process (alternating A/B rounds after warm-up, median with min-max),
-absolute times only from a GPU unless labelled indicative, and every section carries the command,
-date, machine, library versions and seed that produced it. Each section is appended by the script
-named in it; later runs add new sections rather than editing old ones.
-"""
 SECTION = "## Tokenizer throughput"
 
 
@@ -164,29 +155,6 @@ def measure(bench: Bench, rounds: int, target_s: float, encode_batch: int) -> di
 def fmt(stat, digits: int = 1) -> str:
     med, lo, hi = stat
     return f"{med:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        n = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        n = str(os.cpu_count())
-    return f"nproc {n}, {model}, {platform.system()} {platform.machine()}"
-
-
-def append_results(text: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(RESULTS_HEADER)
-    with RESULTS.open("a") as f:
-        f.write("\n" + text)
 
 
 def main() -> None:
