@@ -30,6 +30,8 @@ log = logging.getLogger("tokar")
 # Lightning noise that says nothing about the run: the EMA copy is meant to stay in eval mode.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+# Our manual-optimization checkpoints are meant to hold the state after the step (batches_seen counts it).
+warnings.filterwarnings("ignore", message=r".*Using ModelCheckpoint with manual optimization.*")
 TASKS = ("tokenizer", "generator")
 # (best.ckpt monitor, its mode, the metric main() returns to a sweeper) by task
 TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss")}
