@@ -38,9 +38,13 @@ def machine() -> str:
     return f"nproc {nproc()}, {model}, {platform.system()} {platform.machine()}"
 
 
-def append_results(text: str) -> None:
-    """Append a section to benchmarks/RESULTS.md (created with its header when missing)."""
+def report(text: str, append: bool) -> None:
+    """Print a result section; with append, add it to benchmarks/RESULTS.md (created with its header if missing)."""
+    print("\n" + text)
+    if not append:
+        return
     if not RESULTS.exists():
         RESULTS.write_text(RESULTS_HEADER)
     with RESULTS.open("a") as f:
         f.write("\n" + text)
+    print(f"appended to {RESULTS}")

@@ -33,7 +33,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, append_results, machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, report  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -421,10 +421,7 @@ def main() -> None:
         f"and adds bicubic-upsampled, phi-refined code maps (VAR); theirs quantizes the full-resolution "
         f"residual at every stage. They are compared at an equal number of stages only.\n")
     text = f"{SECTION}\n\n{table}\n\n{notes}"
-    print("\n" + text)
-    if args.append:
-        append_results(text)
-        print(f"appended to {RESULTS}")
+    report(text, args.append)
 
 
 if __name__ == "__main__":

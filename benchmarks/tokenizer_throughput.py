@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, append_results, machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, report  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -223,10 +223,7 @@ def main() -> None:
         f"decode = `Tokenizer.decode` (indices -> images), eval mode, no grad.\n"
         f"- {'; '.join(details)}.\n")
     text = f"{SECTION}\n\n{notes}\n{table}\n"
-    print("\n" + text)
-    if args.append:
-        append_results(text)
-        print(f"appended to {RESULTS}")
+    report(text, args.append)
 
 
 if __name__ == "__main__":
