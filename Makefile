@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA_STAMP := .data_ready
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-all bench setup data clean-outputs
+.PHONY: demo demo-tokenizer test test-all bench setup data clean-outputs
 
 setup: $(STAMP) $(DATA_STAMP)
 
@@ -31,7 +31,12 @@ $(DATA_STAMP):
 
 data: $(DATA_STAMP)
 
+# The whole pipeline: msvq tokenizer -> VAR on its tokens -> class grid -> FID-1k (scripts/pipeline.py).
 demo: setup
+	$(BIN)/python scripts/pipeline.py
+
+# Issue 3's original demo: the FSQ tokenizer alone.
+demo-tokenizer: setup
 	$(BIN)/python train.py experiment=demo
 
 test: setup

@@ -77,7 +77,8 @@ def fid_inception(tf1_resize: bool = True, device: torch.device | str | None = N
         feature_extractor_weights_path=inception_weights_path(),
         antialias=not tf1_resize,
     )
-    return net.to(device)
+    # channels_last: oneDNN's convolutions run about 2x faster on CPU; features move by ~1e-6
+    return net.to(device=device, memory_format=torch.channels_last)
 
 
 def _batches(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:

@@ -302,3 +302,29 @@ def test_resume_restores_the_discriminator(tmp_path):
     for a, b in zip(want["optimizer_states"][1]["state"].values(), got["optimizer_states"][1]["state"].values()):
         assert int(a["step"]) == int(b["step"]) == 4
         assert torch.allclose(a["exp_avg"], b["exp_avg"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantizer-loss ramp (bsq-vit's codebook_rampup)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rampdown_matches_bsq_vit_formula():
+    from utils.schedule import rampdown
+
+    f = rampdown(3.0, 2000)
+    for step in (0, 1, 500, 1999, 2000, 5000):
+        r = min(step, 2000) / 2000
+        assert f(step) == pytest.approx(1.0 * r + 3.0 * (1 - r))
+    assert f(0) == 3.0 and f(1000) == 2.0 and f(2000) == f(10**6) == 1.0
+    assert rampdown(3.0, 0)(0) == 1.0  # off
+
+
+def test_bsq_trains_with_its_ramped_quantizer_weight(tmp_path):
+    # BSQ's config ramps its loss x3 -> x1; with a 4-step ramp, the third step (global_step 2) weighs it x2, and
+    # the total loss is exactly L1 + 2 x the quantizer's loss.
+    overrides = ["tokenizer=bsq", "tokenizer.loss.quantizer_ramp.steps=4", "trainer.max_steps=3",
+                 "test_after_training=false"]
+    metrics, _ = _train(tmp_path / "run", overrides)
+    assert metrics["train/quant_weight"] == pytest.approx(2.0)
+    assert metrics["train/loss"] == pytest.approx(metrics["train/l1"] + 2.0 * metrics["train/quant_loss"], rel=1e-5)

@@ -25,7 +25,7 @@ from tokenizers.discriminator import PatchGAN, adaptive_weight, gan_losses
 from tokenizers.losses import ReconstructionLoss
 from tokenizers.lpips import LPIPS
 from utils.ema import EMA
-from utils.schedule import warmup_cosine
+from utils.schedule import rampdown, warmup_cosine
 
 ADVERSARIAL_DEFAULTS = {"weight": 0.0, "start_step": 0, "disc_lr": None, "disc_betas": [0.5, 0.9], "ndf": 64,
                         "layers": 3, "norm": "batch", "adaptive": True, "loss": "hinge"}
@@ -64,6 +64,8 @@ class TokenizerModule(L.LightningModule):
                                           layers=int(self.adv["layers"]), norm=self.adv["norm"])
             self.d_loss_fn, self.g_loss_fn = gan_losses(self.adv["loss"])
         self.batches_seen = 0  # drives the resumable data order
+        ramp = loss_cfg.get("quantizer_ramp") or {}
+        self.quantizer_ramp = rampdown(float(ramp.get("multiplier", 1.0)), int(ramp.get("steps", 0)))
         self.codebook_size = self.model.quantizer.codebook_size
         for stage in ("val", "test"):
             setattr(self, f"{stage}_psnr", PSNR())
@@ -119,7 +121,8 @@ class TokenizerModule(L.LightningModule):
             nll = nll + self.perceptual_weight * p_loss
             if lpips.available:
                 logs["train/lpips"] = p_loss
-        loss = nll + self.config["loss"]["quantizer"] * q.loss
+        q_weight = self.config["loss"]["quantizer"] * self.quantizer_ramp(self.global_step)
+        loss = nll + q_weight * q.loss
         adversarial = self.adversarial_active()
         if adversarial:
             self.discriminator.requires_grad_(False)  # the generator step leaves D's grads alone
@@ -142,7 +145,7 @@ class TokenizerModule(L.LightningModule):
             logs.update(self._discriminator_step(images, recon.detach(), optimizers[1], schedulers[1]))
         self.ema.update(self.model)
         self.batches_seen += 1
-        logs.update({"train/loss": loss, "train/quant_loss": q.loss, **{f"train/{k}": v for k, v in q.stats.items()},
+        logs.update({"train/loss": loss, "train/quant_loss": q.loss, "train/quant_weight": q_weight, **{f"train/{k}": v for k, v in q.stats.items()},
                      "train/lr": sched.get_last_lr()[0]})
         self.log_dict(logs, prog_bar=False)
         self.log("loss", loss, prog_bar=True, logger=False)

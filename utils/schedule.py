@@ -14,3 +14,16 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def rampdown(multiplier: float, steps: int):
+    """A loss-weight factor that starts at `multiplier` and falls linearly to 1 at `steps` (bsq-vit's codebook
+    ramp: ``r = min(step, steps) / steps``, factor ``r + multiplier (1 - r)``); constant 1 when steps is 0."""
+
+    def factor(step: int) -> float:
+        if steps <= 0:
+            return 1.0
+        r = min(step, steps) / steps
+        return r + multiplier * (1 - r)
+
+    return factor
