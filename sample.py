@@ -53,16 +53,18 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
     device = pick_device(cfg.device)
     model, config = load_tokenizer(cfg.ckpt, device)
     data = config["data"]
-    ds = load_split(data["name"], cfg.split, data["image_size"])
+    ds = load_split(data["name"], cfg.split, data["image_size"], **(data.get("settings") or {}))
     n = min(int(cfg.num_images), len(ds))
     psnr, ssim = PSNR().to(device), SSIM().to(device)
-    grid = None
+    grid, fakes = None, []
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.batch_size)
     for images, _ in loader:
         images = images.to(device)
         recon = model.decode(model.encode(images)).clamp(-1, 1)  # (B, C, H, W) through the discrete codes
         psnr.update(recon, images)
         ssim.update(recon, images)
+        if cfg.rfid:
+            fakes.append(recon.cpu())
         if grid is None:
             grid = save_reconstruction_grid(images[: cfg.grid_images], recon[: cfg.grid_images],
                                             out / "reconstructions.png")
@@ -71,6 +73,13 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
               "protocol": f"per-image PSNR/SSIM on uint8, first {n} images of {data['name']}:{cfg.split}"}
     print(f"grid: {grid}\nPSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} over {n} {data['name']}:{cfg.split} "
           "images", flush=True)
+    if cfg.rfid:
+        from evaluation.fid import protocol_label, reconstruction_fid
+
+        result["rfid"] = reconstruction_fid(torch.cat(fakes), data["name"], cfg.split, data["image_size"],
+                                            settings=data.get("settings"))
+        result["rfid_protocol"] = "r" + protocol_label(n, f"{data['name']}:{cfg.split}", data["image_size"], num_real=n)
+        print(f"rFID {result['rfid']:.2f}  [{result['rfid_protocol']}]", flush=True)
     return result
 
 

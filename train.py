@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data.registry import content_settings
 from utils.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_replace, export_run
 from utils.hydra import instantiate_dict, register_resolvers
 
@@ -101,7 +102,7 @@ def prepare_tokenizer_task(cfg: DictConfig, out: Path):
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-                 "num_classes": datamodule.num_classes}
+                 "num_classes": datamodule.num_classes, "settings": content_settings(cfg.data.name, datamodule.kwargs)}
     config = {"kind": cfg.task, cfg.task: OmegaConf.to_container(cfg[cfg.task], resolve=True), "data": data_info,
               "total_steps": schedule_steps(cfg, datamodule)}
     if cfg.get("ckpt_path"):
@@ -145,7 +146,7 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
                                  test_split=cfg.data.val_split, seed=cfg.data.seed)
     num_classes = int(meta["num_classes"])
     data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-                 "num_classes": num_classes}
+                 "num_classes": num_classes, "settings": content_settings(cfg.data.name, images.kwargs)}
     generator_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
     image_size = int(cfg.data.image_size)
     token_shape = run.model.token_shape(image_size)

@@ -1,9 +1,30 @@
 """Dataset names -> dataset splits, so configs, FID references and CLIs name data the same way."""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 from torch.utils.data import Dataset
 
 DATASETS = ("fashion_mnist", "cifar10", "image_folder", "synthetic")
+# the settings that change which images a split holds (download / strict only change how they are found)
+CONTENT_KEYS = {"fashion_mnist": (), "cifar10": (), "image_folder": ("root", "channels"),
+                "synthetic": ("size", "channels", "num_classes", "seed")}
+
+
+def content_settings(name: str, kwargs: dict | None) -> dict:
+    """The dataset settings that determine its images, JSON-ready (an image folder's root made absolute)."""
+    out = {k: kwargs[k] for k in CONTENT_KEYS.get(name, ()) if kwargs and kwargs.get(k) is not None}
+    if "root" in out:
+        out["root"] = str(Path(str(out["root"])).expanduser().resolve())
+    return out
+
+
+def data_key(name: str, kwargs: dict | None) -> str:
+    """8 hex digits naming a dataset's content settings; '' for datasets with a single content (Fashion-MNIST)."""
+    settings = content_settings(name, kwargs)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8] if settings else ""
 
 
 def load_split(name: str, split: str, image_size: int | None = None, **kwargs) -> Dataset:

@@ -267,8 +267,10 @@ def _read_images(files: list[str]) -> Iterator[torch.Tensor]:
             yield torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
 
 
-def load_split(name: str, split: str, image_size: int | None = None) -> torch.utils.data.Dataset:
-    """`data.registry.load_split`, with an FIDInputError naming an unknown dataset or split."""
+def load_split(name: str, split: str, image_size: int | None = None,
+               settings: dict | None = None) -> torch.utils.data.Dataset:
+    """`data.registry.load_split` (settings: its kwargs, e.g. an image folder's root), with an FIDInputError naming
+    an unknown dataset or split."""
     try:
         from data.registry import load_split as registry_load_split
     except ModuleNotFoundError as e:
@@ -276,7 +278,7 @@ def load_split(name: str, split: str, image_size: int | None = None) -> torch.ut
             raise
         raise FIDInputError(f"'{name}:{split}' needs data/registry.py, which is missing; pass an image folder") from e
     try:
-        return registry_load_split(name, split, image_size=image_size)
+        return registry_load_split(name, split, image_size=image_size, **(settings or {}))
     except (KeyError, ValueError) as e:
         raise FIDInputError(
             f"unknown dataset or split '{name}:{split}' ({e}); use a name and split from data/registry.py, "
@@ -285,10 +287,15 @@ def load_split(name: str, split: str, image_size: int | None = None) -> torch.ut
 
 
 def reference_statistics_path(
-    name: str, split: str, image_size: int | None, num_images: int | None, tf1_resize: bool = True
+    name: str, split: str, image_size: int | None, num_images: int | None, tf1_resize: bool = True,
+    settings: dict | None = None,
 ) -> str:
-    """Cache file of a split's statistics, keyed by dataset, split, size, count, resize and weights."""
-    parts = [name, split, f"{image_size}px" if image_size else "native", str(num_images or "all"),
+    """Cache file of a split's statistics, keyed by dataset (+ its content settings: an image folder's root),
+    split, size, count, resize and weights."""
+    from data.registry import data_key
+
+    key = data_key(name, settings)
+    parts = [f"{name}-{key}" if key else name, split, f"{image_size}px" if image_size else "native", str(num_images or "all"),
              "tf1" if tf1_resize else "antialias", os.path.splitext(WEIGHTS_FILE)[0]]
     key = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(p)) for p in parts)
     return os.path.join(cache_dir(), f"fid-stats_{key}.safetensors")
@@ -319,13 +326,13 @@ def _load_statistics(path: str) -> tuple[Statistics, tuple[int, int]]:
 
 def _split_statistics(
     name: str, split: str, image_size: int | None, num_images: int | None, batch_size: int,
-    tf1_resize: bool, net: torch.nn.Module | None,
+    tf1_resize: bool, net: torch.nn.Module | None, settings: dict | None = None,
 ) -> tuple[Statistics, tuple[int, int]]:
     """Cached statistics of the first `num_images` images of a split, and their (H, W)."""
-    path = reference_statistics_path(name, split, image_size, num_images, tf1_resize)
+    path = reference_statistics_path(name, split, image_size, num_images, tf1_resize, settings)
     if os.path.isfile(path):
         return _load_statistics(path)
-    dataset = load_split(name, split, image_size)
+    dataset = load_split(name, split, image_size, settings)
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
     stats = compute_statistics((dataset[i][0] for i in range(n)), batch_size, net or fid_inception(tf1_resize))
     image_hw = tuple(dataset[0][0].shape[-2:])
@@ -341,9 +348,30 @@ def reference_statistics(
     batch_size: int = 50,
     tf1_resize: bool = True,
     net: torch.nn.Module | None = None,
+    settings: dict | None = None,
 ) -> Statistics:
-    """Statistics of the first `num_images` images (all when None) of a dataset split, cached on disk."""
-    return _split_statistics(name, split, image_size, num_images, batch_size, tf1_resize, net)[0]
+    """Statistics of the first `num_images` images (all when None) of a dataset split, cached on disk.
+
+    settings: the dataset's content settings as a run config records them (``data.settings``, e.g. an image
+    folder's root); they select the images and key the cache."""
+    return _split_statistics(name, split, image_size, num_images, batch_size, tf1_resize, net, settings)[0]
+
+
+def reconstruction_fid(fake: torch.Tensor, name: str, split: str, image_size: int | None,
+                       real: torch.Tensor | None = None, net: torch.nn.Module | None = None,
+                       settings: dict | None = None) -> float:
+    """rFID: reconstructions (N, C, H, W) of the first N images of a split against those images.
+
+    The real side's statistics come from the on-disk cache of that split (``reference_statistics``); pass
+    ``real`` instead when the reconstructed images are not the split's first N (e.g. a DDP shard).
+    """
+    net = net or fid_inception(device=fake.device)
+    if real is None:
+        ref = reference_statistics(name, split, image_size, fake.shape[0], net=net, settings=settings)
+    else:
+        ref = compute_statistics([real], net=net)
+    gen = compute_statistics([fake], net=net)
+    return frechet_distance(ref.mu, ref.sigma, gen.mu, gen.sigma)
 
 
 def _check_spec(spec: str, num_images: int | None, image_size: int | None, tf1_resize: bool) -> tuple[str, ...]:

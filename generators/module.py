@@ -177,7 +177,8 @@ def make_fid(data: dict, split: str, reference_images: int | None, device) -> tu
     """An FID metric holding the cached reference statistics of ``data``'s split -> (metric, "name:split")."""
     from evaluation.fid import FID, reference_statistics
 
-    stats = reference_statistics(data["name"], split, data["image_size"], reference_images)
+    stats = reference_statistics(data["name"], split, data["image_size"], reference_images,
+                                 settings=data.get("settings"))
     fid = FID(device=device)
     fid.set_real_statistics(stats.mu, stats.sigma, stats.n)
     fid.num_real = stats.n

@@ -203,6 +203,25 @@ def test_reference_statistics_are_cached(cache, net, monkeypatch):
     assert cached.n == 6 and torch.equal(cached.mu, stats.mu) and torch.equal(cached.sigma, stats.sigma)
 
 
+def test_reference_statistics_follow_the_dataset_settings(cache, net, image_sets, tmp_path):
+    # Two image folders are two datasets: each gets its own cache file and its own statistics, from its own root.
+    base, noisy = image_sets
+    _save_pngs(base[:6], tmp_path / "a" / "test")
+    _save_pngs(noisy[-1][:6], tmp_path / "b" / "test")
+    a, b = ({"root": str(tmp_path / name), "channels": 3} for name in ("a", "b"))
+    path_a, path_b = (reference_statistics_path("image_folder", "test", 32, 6, settings=s) for s in (a, b))
+    assert path_a != path_b and "image-folder-" in os.path.basename(path_a)
+    stats_a = reference_statistics("image_folder", "test", 32, 6, net=net, settings=a)
+    stats_b = reference_statistics("image_folder", "test", 32, 6, net=net, settings=b)
+    assert os.path.isfile(path_a) and os.path.isfile(path_b)
+    assert not torch.allclose(stats_a.mu, stats_b.mu)
+    want = compute_statistics([base[:6]], 6, net)  # the PNG round trip is exactly to_uint8's rounding
+    assert torch.allclose(stats_a.mu, want.mu, atol=1e-4)
+    # Fashion-MNIST has one content wherever it is found: its key ignores root and download.
+    assert reference_statistics_path("fashion_mnist", "test", 32, 10) == reference_statistics_path(
+        "fashion_mnist", "test", 32, 10, settings={"root": "/elsewhere", "download": True})
+
+
 def test_protocol_label():
     assert protocol_label(1000, "fashion_mnist:test", 32, num_real=10000) == (
         "FID-1k vs fashion_mnist:test (10k), standard Inception (TF 2015-12-05), torchmetrics, TF1 resize, 32x32"

@@ -154,3 +154,12 @@ def test_rfid_at_the_end_of_training(tmp_path, monkeypatch):
     metrics, _ = train(cfg)
     assert metrics["test/rfid"] > 0  # an untrained tokenizer reconstructs badly
     assert list((tmp_path / "cache").glob("*.safetensors"))  # the real side's statistics were cached
+
+    # sample.py rfid=true on the exported EMA weights: the same 8 test images, the same number
+    from sample import reconstruct
+
+    scfg = compose_config("sample", [f"ckpt={tmp_path / 'run'}", "num_images=8", "grid_images=4", "rfid=true"],
+                          tmp_path / "sample")
+    result = reconstruct(scfg, tmp_path / "sample")
+    assert result["rfid"] == pytest.approx(metrics["test/rfid"], rel=1e-3)
+    assert result["rfid_protocol"].startswith("rFID-8 vs synthetic:test (8)")

@@ -222,18 +222,15 @@ class TokenizerModule(L.LightningModule):
     def _rfid(self, bank: list) -> float:
         """FID of reconstructions vs the same test images; the real side's statistics are cached on disk
         (they are the first n images of the unshuffled test split on a single process)."""
-        from evaluation.fid import compute_statistics, fid_inception, frechet_distance, reference_statistics
+        from evaluation.fid import fid_inception, reconstruction_fid
 
         real = torch.cat([b[0] for b in bank])
         fake = torch.cat([b[1] for b in bank])
-        net = fid_inception(device=self.device)
         data, dm = self.hparams.config["data"], self.trainer.datamodule
-        if self.trainer.world_size == 1 and dm is not None:
-            ref = reference_statistics(data["name"], dm.test_split, data["image_size"], real.shape[0], net=net)
-        else:
-            ref = compute_statistics([real], net=net)
-        gen = compute_statistics([fake], net=net)
-        return frechet_distance(ref.mu, ref.sigma, gen.mu, gen.sigma)
+        cached = self.trainer.world_size == 1 and dm is not None
+        return reconstruction_fid(fake, data["name"], dm.test_split if cached else "test", data["image_size"],
+                                  real=None if cached else real, net=fid_inception(device=self.device),
+                                  settings=data.get("settings"))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
