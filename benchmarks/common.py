@@ -20,7 +20,8 @@ named in it; later runs add new sections rather than editing old ones.
 
 def nproc() -> str:
     try:
-        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+        # --all: plain nproc honours OMP_NUM_THREADS, which benchmarks set to pin their own threads
+        return subprocess.run(["nproc", "--all"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return str(os.cpu_count())
 

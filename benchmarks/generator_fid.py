@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,15 +26,26 @@ from benchmarks.common import machine, report  # noqa: E402
 from pipeline import TOKENIZER_OF, pipeline  # noqa: E402
 
 
+def parameters(run_dir: str) -> float:
+    """Millions of parameters in a run's exported weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(run_dir) / "model.safetensors"), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) / 1e6
+
+
 def row(s: dict) -> str:
     tok, gen, smp = s["tokenizer_run"], s["generator_run"], s["sample_run"]
     tm, gm = tok["metrics"], gen["metrics"]
     usage = f"{100 * tm['test/usage']:.1f}%" if "test/usage" in tm else "–"
     acc = f"{100 * gm['val/acc']:.1f}%" if "val/acc" in gm else "–"
     sp = smp["speed"]
-    return (f"| {s['generator']} | {s['tokenizer']} ({tm['test/psnr']:.2f} dB, {usage}) | {gen['steps']} | "
-            f"{gm['val/loss']:.3f} | {acc} | {smp['fid']['fid']:.2f} | {sp['forward_passes_per_image']} | "
-            f"{sp['images_per_s']:.1f} | {gen['train_seconds']:.0f} | {Path(s['root']).name} |")
+    sampling = smp["fid"]["protocol"].split("decoding=", 1)[-1]
+    return (f"| {s['generator']} ({parameters(gen['output_dir']):.2f}M) | {s['tokenizer']} ({tm['test/psnr']:.2f} dB, "
+            f"{usage}) | {gen['steps']} | "
+            f"{gm['val/loss']:.3f} | {acc} | **{smp['fid']['fid']:.2f}** | {sampling} | "
+            f"{sp['forward_passes_per_image']} | {sp['images_per_s']:.1f} (batch {sp['batch_size']}) | "
+            f"{gen['train_seconds']:.0f} |")
 
 
 def main() -> None:
@@ -53,13 +65,13 @@ def main() -> None:
             root = ROOT / "outputs" / "pipeline" / f"fid-table_{stamp}" / gen
             root.mkdir(parents=True, exist_ok=True)
             summaries.append(pipeline(root, gen))  # seed 42: train.yaml's default
-    protocol = summaries[0]["sample_run"]["fid"]["protocol"]
+    protocol = summaries[0]["sample_run"]["fid"]["protocol"].split(", decoding=")[0]
     import torch
 
     lines = [
         "## Generators: FID-1k on Fashion-MNIST at the demo budget",
         "",
-        f"`python benchmarks/generator_fid.py{' --only ' + ' '.join(args.only) if not args.runs else ''}` "
+        f"`python benchmarks/generator_fid.py {' '.join(sys.argv[1:])}` "
         f"({datetime.date.today()}; {machine()}; torch {torch.__version__}). Each row is one "
         "`scripts/pipeline.py` run: the tokenizer at `experiment=demo` (700 steps, batch 64), the generator at "
         "`experiment=demo_generator` (400 steps, batch 32, EMA weights), seed 42, then 1000 samples balanced over "
@@ -67,11 +79,11 @@ def main() -> None:
         "GPT cfg 2.0, FlowAR cfg 2.0 with 25 Euler steps per scale; no top-k/top-p).",
         f"FID protocol: {protocol}. FID of 1000 samples against 1000 reference images is biased upwards; compare "
         "rows with each other, not with 50k-sample FIDs. Val loss is cross-entropy (nats) for VAR/GPT and the "
-        "flow-matching MSE for FlowAR, so it is not comparable across rows. images/s: CPU, batch 250, tokens "
-        "only, indicative.",
+        "flow-matching MSE for FlowAR, so it is not comparable across rows. images/s (the class grid, tokens only) "
+        "and train seconds: CPU, indicative.",
         "",
-        "| generator | tokenizer (test PSNR, usage) | steps | val loss | val token acc | FID-1k | forward passes "
-        "/ image | images/s | train s | run |",
+        "| generator (parameters) | tokenizer (test PSNR, usage) | steps | val loss | val token acc | FID-1k | sampling | forward "
+        "passes / image | images/s | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *[row(s) for s in summaries],
         "",
