@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data.datamodule import ImageDataModule
+from data.registry import data_key
 from utils.checkpoint import CheckpointError, atomic_replace, expect_kind, load_tokenizer
 
 log = logging.getLogger("tokar")
@@ -119,10 +120,10 @@ def encode_batch(tokenizer, images: torch.Tensor, layout: str) -> torch.Tensor:
 
 def cache_path(root: str | Path, dataset: str, split: str, image_size: int, tok_hash: str,
                data_kwargs: dict | None = None) -> Path:
-    """Where a split's codes live: keyed by dataset (+ its settings), split, image size and tokenizer hash."""
-    kwargs = {k: v for k, v in sorted((data_kwargs or {}).items()) if k not in ("download", "strict")}
-    data_key = hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return Path(root) / dataset / f"{split}_{image_size}px_{data_key}_{tok_hash[:16]}.safetensors"
+    """Where a split's codes live: keyed by dataset (+ its content settings, ``data.registry.data_key``), split,
+    image size and tokenizer hash."""
+    key = data_key(dataset, data_kwargs) or "default"
+    return Path(root) / dataset / f"{split}_{image_size}px_{key}_{tok_hash[:16]}.safetensors"
 
 
 @contextlib.contextmanager

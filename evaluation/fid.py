@@ -294,9 +294,9 @@ def reference_statistics_path(
     split, size, count, resize and weights."""
     from data.registry import data_key
 
-    key = data_key(name, settings)
-    parts = [f"{name}-{key}" if key else name, split, f"{image_size}px" if image_size else "native", str(num_images or "all"),
-             "tf1" if tf1_resize else "antialias", os.path.splitext(WEIGHTS_FILE)[0]]
+    content = data_key(name, settings)
+    parts = [f"{name}-{content}" if content else name, split, f"{image_size}px" if image_size else "native",
+             str(num_images or "all"), "tf1" if tf1_resize else "antialias", os.path.splitext(WEIGHTS_FILE)[0]]
     key = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(p)) for p in parts)
     return os.path.join(cache_dir(), f"fid-stats_{key}.safetensors")
 

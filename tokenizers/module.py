@@ -145,8 +145,8 @@ class TokenizerModule(L.LightningModule):
             logs.update(self._discriminator_step(images, recon.detach(), optimizers[1], schedulers[1]))
         self.ema.update(self.model)
         self.batches_seen += 1
-        logs.update({"train/loss": loss, "train/quant_loss": q.loss, "train/quant_weight": q_weight, **{f"train/{k}": v for k, v in q.stats.items()},
-                     "train/lr": sched.get_last_lr()[0]})
+        logs.update({"train/loss": loss, "train/quant_loss": q.loss, "train/quant_weight": q_weight,
+                     **{f"train/{k}": v for k, v in q.stats.items()}, "train/lr": sched.get_last_lr()[0]})
         self.log_dict(logs, prog_bar=False)
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
@@ -227,10 +227,10 @@ class TokenizerModule(L.LightningModule):
         real = torch.cat([b[0] for b in bank])
         fake = torch.cat([b[1] for b in bank])
         data, dm = self.hparams.config["data"], self.trainer.datamodule
-        cached = self.trainer.world_size == 1 and dm is not None
-        return reconstruction_fid(fake, data["name"], dm.test_split if cached else "test", data["image_size"],
-                                  real=None if cached else real, net=fid_inception(device=self.device),
-                                  settings=data.get("settings"))
+        split = dm.test_split if dm is not None else "test"
+        use_cache = self.trainer.world_size == 1 and dm is not None  # a DDP rank holds a shard: score its own images
+        return reconstruction_fid(fake, data["name"], split, data["image_size"], real=None if use_cache else real,
+                                  net=fid_inception(device=self.device), settings=data.get("settings"))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
