@@ -155,7 +155,7 @@ class Stopwatch:
 @torch.no_grad()
 def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     """Grid + speed (rank 0) and, with fid.num_samples > 0, the FID over all ranks; the result on rank 0."""
-    from decoding.ar import generate
+    from decoding.registry import get_decoder
     from generators.module import decode_tokens, describe_sampling, generator_fid, sampling_config, save_class_grid
 
     rank, world = distributed()
@@ -163,16 +163,18 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     out = shared_output_dir(out, world)
-    if cfg.decoding.name != "ar":
-        raise ValueError(f"decoding={cfg.decoding.name} is not available yet; use decoding=ar")
+    decoder = get_decoder(cfg.decoding.name)
+    settings = decoder.parse_settings(cfg.decoding)  # a misspelled decoding.* key fails here
     model, tokenizer, config = load_generator(cfg.ckpt, device, cfg.get("tokenizer_ckpt"))
-    overrides = {k: cfg.get(k) for k in ("cfg_scale", "temperature", "top_k", "top_p", "num_steps", "guidance_until")}
-    overrides.update({k: v for k, v in cfg.decoding.items() if k != "name"})
+    decoder.check_applies(model)
+    overrides = {k: cfg.get(k) for k in ("cfg_scale", "temperature", "top_k", "top_p", "cfg_interval", "num_steps",
+                                         "guidance_until")}
     sampling = sampling_config(config["generator"]["sampling"], overrides)
     info, data = config["tokens"], config["data"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     result = {"kind": "generator", "ckpt": str(cfg.ckpt), "generator": config["generator"]["name"],
-              "decoding": cfg.decoding.name, "sampling": dict(vars(sampling)), "device": str(device),
+              "decoding": cfg.decoding.name, "decoding_settings": dict(vars(settings)),
+              "sampling": dict(vars(sampling)), "device": str(device),
               "world_size": world, "output_dir": str(out)}
 
     if rank == 0:
@@ -181,18 +183,17 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
         classes = list(cfg.classes) if cfg.get("classes") is not None else list(range(data["num_classes"]))
         labels = torch.tensor(classes).repeat_interleave(per_class).to(device)
         g = torch.Generator(device=device).manual_seed(int(cfg.seed))
-        msvq = tokenizer.quantizer if info["layout"] == "multiscale" else None
         with autocast:
             if cfg.warmup:  # first calls pay for allocation and kernel selection: keep them out of the timing
-                generate(model, labels[: min(len(labels), 2)], sampling, torch.Generator(device=device), msvq)
+                decoder.run(model, labels[: min(len(labels), 2)], sampling, torch.Generator(device=device), tokenizer,
+                            settings)
             images, t_gen, t_dec, forwards = [], 0.0, 0.0, None
             for i in range(0, len(labels), int(cfg.batch_size)):
                 y = labels[i:i + int(cfg.batch_size)]
                 with Stopwatch(device) as sw_gen:
-                    tokens, stats = generate(model, y, sampling, g, msvq)
+                    tokens, stats = decoder.run(model, y, sampling, g, tokenizer, settings)
                 with Stopwatch(device) as sw_dec:
-                    images.append(decode_tokens(tokenizer, tokens, info["layout"], info["token_shape"],
-                                                info.get("scale_factor", 1.0)))
+                    images.append(decode_tokens(model, tokenizer, tokens, info))
                 t_gen, t_dec, forwards = t_gen + sw_gen.seconds, t_dec + sw_dec.seconds, stats["forward_passes"]
         grid = save_class_grid(torch.cat(images), per_class, out / "grid.png")
         n = len(labels)
@@ -204,7 +205,7 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
             speed["flow_head_evaluations_per_image"] = forwards * sampling.num_steps
         result.update(grid=str(grid), rows=classes, samples_per_class=per_class, speed=speed)
         print(f"grid: {grid} (rows = classes {classes}, {per_class} samples each)\n"
-              f"{config['generator']['name']} decoding=ar ({describe_sampling(sampling, config)}) on {device}: "
+              f"{config['generator']['name']} decoding={decoder.name} ({describe_sampling(sampling, config)}) on {device}: "
               f"{speed['images_per_s']:.2f} images/s sampling tokens only, {speed['images_per_s_with_decode']:.2f} "
               f"images/s including the tokenizer decode; {forwards} target forward passes per image"
               + (f" (+ {speed['flow_head_evaluations_per_image']} flow-head evaluations)" if
@@ -216,7 +217,7 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
         with autocast:
             fid = generator_fid(model, tokenizer, config, n_fid, sampling, int(cfg.batch_size), int(cfg.seed), device,
                                 cfg.fid.split, cfg.fid.reference_images, rank, world,
-                                out / "samples" if cfg.fid.save_samples else None)
+                                out / "samples" if cfg.fid.save_samples else None, decoder, settings)
         if cfg.fid.save_samples:
             fid["samples_dir"] = str(out / "samples")
         result["fid"] = fid

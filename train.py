@@ -115,15 +115,14 @@ def prepare_tokenizer_task(cfg: DictConfig, out: Path):
 def prepare_generator_task(cfg: DictConfig, out: Path):
     """(datamodule, config, model) of task=generator: load the tokenizer run, check the pairing, build the caches."""
     from data.token_cache import TokenDataModule, layout_of, load_tokenizer_run, prepare_token_caches, read_metadata
-    from generators.module import GENERATOR_LAYOUT, GeneratorModule, check_pairing, count_parameters, model_args
+    from generators.module import GeneratorModule, check_pairing, count_parameters, generator_class, model_args
 
     if not cfg.get("tokenizer_ckpt"):
         raise ValueError("task=generator needs the tokenizer whose codes it learns: tokenizer_ckpt=<tokenizer run "
                          "folder> (outputs/tokenizer/<time>, from python train.py task=tokenizer "
                          "tokenizer=msvq|kl|...)")
     gen = cfg.generator.name
-    if gen not in GENERATOR_LAYOUT:
-        raise ValueError(f"unknown generator {gen!r}; one of {', '.join(GENERATOR_LAYOUT)}")
+    generator_class(gen)  # an unknown name fails here, listing the generators
     on_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
     run = load_tokenizer_run(cfg.tokenizer_ckpt, device)

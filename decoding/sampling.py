@@ -6,7 +6,37 @@ Every function works on logits (..., V) with any leading shape. Filtered-out ent
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling knobs shared by every generator and decoding method (a decoder's own settings live apart)."""
+
+    cfg_scale: float = 1.0  # GPT/FlowAR: u + s (c - u), 1 = off. VAR: ramp t = s k/(K-1), 0 = off
+    temperature: float = 1.0  # <= 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    cfg_interval: int = -1  # GPT only: guidance for the first N tokens, -1 = all (LlamaGen)
+    num_steps: int = 25  # FlowAR: Euler steps per scale
+    guidance_until: float = 1.0  # FlowAR: guidance only while t <= this
+
+    @classmethod
+    def from_any(cls, sampling) -> "SamplingConfig":
+        """A SamplingConfig, a dict or a DictConfig; an unknown key is an error listing the valid ones."""
+        if isinstance(sampling, cls):
+            return sampling
+        if sampling is None:
+            return cls()
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(dict(sampling)) - set(names))
+        if unknown:
+            raise ValueError(f"unknown sampling setting {unknown[0]!r}; the sampling settings are: {', '.join(names)} "
+                             "(a decoding method's own settings go under decoding.*)")
+        return cls(**dict(sampling))
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

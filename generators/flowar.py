@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generators.layers import (Attention, CachedBlocksMixin, Mlp, RMSNorm, SwiGLU, block_causal_mask, modulate,
-                               rope_grid_angles, scale_bounds, scale_levels, swiglu_hidden)
+from decoding.sampling import SamplingConfig
+from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassEmbedding, Mlp, RMSNorm, SwiGLU,
+                               block_causal_mask, count_calls, modulate, rope_grid_angles, scale_bounds, scale_levels,
+                               swiglu_hidden)
 
 
 #################################################################################
@@ -163,10 +165,10 @@ class AdaLNBlock(nn.Module):
         self.ffn = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), dropout)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, rope, mask=None, use_cache=False):
+    def forward(self, x, c, rope, mask=None, cache=None):
         # x (B, N, D), c (B, D) -> 6 x (B, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_lin(c).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, use_cache=use_cache)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache=cache)
         return x + gate2[:, None] * self.ffn(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -194,7 +196,7 @@ class FlowAR(CachedBlocksMixin, nn.Module):
         weights = torch.ones(K) if scale_weights is None else torch.as_tensor(scale_weights, dtype=torch.float32)
         self.register_buffer("scale_weights", weights / weights.sum(), persistent=False)  # (K,)
 
-        self.class_emb = nn.Embedding(num_classes + 1, dim)  # row num_classes = null class
+        self.class_emb = ClassEmbedding(num_classes, dim, class_dropout)  # row num_classes = null class
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.L, dim))
         self.lvl_embed = nn.Embedding(K, dim)
@@ -213,7 +215,6 @@ class FlowAR(CachedBlocksMixin, nn.Module):
         self.register_buffer("attn_mask", block_causal_mask(self.scales), persistent=False)  # (L, L) bool
 
         self._cond_emb: torch.Tensor | None = None  # (B, D) class embedding of the cached sequence
-        self.last_hidden: torch.Tensor | None = None  # (B, n, D) trunk outputs of the last call
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -232,6 +233,45 @@ class FlowAR(CachedBlocksMixin, nn.Module):
             nn.init.zeros_(blk.ada_lin[-1].weight)
             nn.init.zeros_(blk.ada_lin[-1].bias)
         self.head.initialize_weights()
+
+    # -- the generator interface (decoding/ar.py, the LightningModule and sample.py call only these) --------
+    kind = "flowar"
+    layout = "latent"  # token cache layout: (N, C, h, w) latents times the tokenizer's scale factor
+
+    @staticmethod
+    def check_tokenizer(quantizer, tokenizer_path) -> None:
+        """A ValueError unless the tokenizer is continuous (tokenizer=kl)."""
+        if not getattr(quantizer, "continuous", False):
+            raise ValueError(f"generator=flowar needs a continuous tokenizer (tokenizer=kl), but {tokenizer_path} is "
+                             f"a {type(quantizer).__name__} tokenizer")
+
+    @staticmethod
+    def model_args(tokenizer, image_size: int, num_classes: int, model_cfg: dict) -> dict:
+        """Constructor arguments from the tokenizer and the data: latent channels, classes."""
+        h, w = tokenizer.token_shape(image_size)
+        scales = list(model_cfg.get("scales") or [])
+        if h != w or (scales and scales[-1] != h):
+            raise ValueError(f"generator.model.scales={scales} must end at the kl tokenizer's latent size {h}x{w} "
+                             f"(square latents only), e.g. scales=[1,2,4,{h}]")
+        return {"latent_channels": int(tokenizer.quantizer.out_channels), "num_classes": num_classes}
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer=None):
+        """Flow-matching loss of cached latents (B, C, S, S) -> (loss, None): no token accuracy."""
+        return self(codes.float(), labels), None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per generated sequence."""
+        return self.L
+
+    def forward_counter(self) -> count_calls:
+        """Counts target forward passes (trunk calls; the head's Euler evaluations are not trunk passes)."""
+        return count_calls(self.blocks[0])
+
+    @staticmethod
+    def tokens_to_images(tokenizer, tokens: torch.Tensor, info: dict) -> torch.Tensor:
+        """Scaled latents (B, C, S, S) -> images (B, C, H, W) through the kl decoder."""
+        return tokenizer.decode(tokens.float() / info.get("scale_factor", 1.0))
 
     # -- scales of a latent ---------------------------------------------------------------------
     def scale_targets(self, latent: torch.Tensor) -> list[torch.Tensor]:
@@ -252,13 +292,6 @@ class FlowAR(CachedBlocksMixin, nn.Module):
                           for k in range(len(self.scales) - 1)], dim=1)
 
     # -- trunk ----------------------------------------------------------------------------------
-    def drop_labels(self, cond: torch.Tensor) -> torch.Tensor:
-        """Replace labels by the null class with probability class_dropout (training only)."""
-        if self.training and self.class_dropout > 0:
-            drop = torch.rand(cond.shape[0], device=cond.device) < self.class_dropout
-            cond = torch.where(drop, torch.full_like(cond, self.num_classes), cond)
-        return cond
-
     def _embed(self, c, inputs, begin: int) -> torch.Tensor:
         """Tokens [begin, begin+n) from the SOS (when begin == 0) and inputs (B, m, C_lat) -> (B, n, D)."""
         parts = [c[:, None] + self.pos_start] if begin == 0 else []  # (B, first_l, D)
@@ -270,18 +303,16 @@ class FlowAR(CachedBlocksMixin, nn.Module):
             raise ValueError(f"tokens [{begin}, {end}) do not end on a scale boundary of {self.scales}")
         return x + self.lvl_embed(self.lvl[begin:end]) + self.pos_embed[:, begin:end]
 
-    def _run(self, x, c, begin: int, mask=None, use_cache=False) -> torch.Tensor:
-        """Trunk blocks on x (B, n, D) at tokens [begin, begin+n) -> z (B, n, D)."""
+    def _run(self, x, c, begin: int, mask=None, cache=None) -> torch.Tensor:
+        """Trunk blocks on x (B, n, D) at tokens [begin, begin+n) -> z (B, n, D), the head's condition."""
         rope = (self.rope_cos[begin:begin + x.shape[1]], self.rope_sin[begin:begin + x.shape[1]])
         for blk in self.blocks:
-            x = blk(x, c, rope, mask=mask, use_cache=use_cache)
-        z = self.norm(x)
-        self.last_hidden = z
-        return z
+            x = blk(x, c, rope, mask=mask, cache=cache)
+        return self.norm(x)
 
     def trunk(self, inputs: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
         """Teacher-forced trunk: inputs (B, T - s_0^2, C_lat) of scales 1.., cond (B,) -> z (B, T, D)."""
-        c = self.class_emb(self.drop_labels(cond))  # (B, D)
+        c = self.class_emb(cond)  # (B, D), label dropout in training
         x = self._embed(c, inputs, 0)  # (B, T, D)
         T = x.shape[1]
         return self._run(x, c, 0, mask=self.attn_mask[:T, :T])
@@ -291,22 +322,26 @@ class FlowAR(CachedBlocksMixin, nn.Module):
 
         cond (B,), inputs (B, n, C_lat) of scales 1..N or None -> z (B, T, D), T = end of scale N.
         """
-        self.truncate_cache(0)
+        self._check_cache()
         c = self.class_emb(cond)
         self._cond_emb = c
         x = self._embed(c, inputs, 0)
         T = x.shape[1]
-        return self._run(x, c, 0, mask=self.attn_mask[:T, :T] if T > self.first_l else None, use_cache=True)
+        z = self._run(x, c, 0, mask=self.attn_mask[:T, :T] if T > self.first_l else None, cache=CacheAccess(0, T))
+        self._set_length(T)
+        return z
 
     def step(self, inputs: torch.Tensor, scale: int) -> torch.Tensor:
         """One scale k >= 1 over the cache (holding scales 0..k-1): inputs (B, s_k^2, C_lat) -> z (B, s_k^2, D)."""
-        begin, _ = self.bounds[scale]
+        begin, end = self.bounds[scale]
         if scale < 1 or self.cache_length != begin or self._cond_emb is None:
             raise ValueError(f"step(scale={scale}) needs a cache holding {begin} tokens, it holds {self.cache_length}")
-        return self._run(self._embed(self._cond_emb, inputs, begin), self._cond_emb, begin, use_cache=True)
+        z = self._run(self._embed(self._cond_emb, inputs, begin), self._cond_emb, begin, cache=CacheAccess(begin, end))
+        self._set_length(end)
+        return z
 
     # -- training -------------------------------------------------------------------------------
-    def loss(self, latent: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def flow_loss(self, latent: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Flow-matching loss of latents (B, C, S, S) with labels (B,): per-scale MSE, weighted by scale_weights."""
         targets = self.scale_targets(latent)
         z = self.trunk(self.teacher_inputs(latent), cond)  # (B, L, D)
@@ -318,20 +353,31 @@ class FlowAR(CachedBlocksMixin, nn.Module):
 
     def forward(self, latent: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Training loss (a scalar); flow matching has no logits."""
-        return self.loss(latent, cond)
+        return self.flow_loss(latent, cond)
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, num_steps: int = 25, cfg: float = 1.0, guidance_until: float = 1.0,
-               generator: torch.Generator | None = None, return_all: bool = False):
-        """Latents (B, C, S, S) for labels cond (B,) (or every scale's latent with ``return_all``).
+    def sample(self, cond: torch.Tensor, sampling: SamplingConfig | None = None,
+               generator: torch.Generator | None = None, tokenizer=None, return_all: bool = False,
+               num_steps: int | None = None, cfg: float | None = None, guidance_until: float | None = None,
+               use_cache: bool = True):
+        """The reference sampler: latents (B, C, S, S) for labels cond (B,) (every scale's with ``return_all``).
+
+        ``num_steps``, ``cfg``, ``guidance_until`` override the SamplingConfig's num_steps, cfg_scale and
+        guidance_until.
 
         One cached trunk pass per scale, then ``num_steps`` Euler steps of the head. Guidance ramps per
         scale, w_k = (cfg - 1) k / (K-1) + 1 (scale 0 unguided), applied while t <= guidance_until.
         """
+        if not use_cache:
+            raise ValueError("FlowAR samples over its KV cache only (use_cache=false applies to GPT)")
+        sampling = sampling or SamplingConfig()
+        cfg = sampling.cfg_scale if cfg is None else cfg
+        num_steps = sampling.num_steps if num_steps is None else num_steps
+        guidance_until = sampling.guidance_until if guidance_until is None else guidance_until
         B, K = cond.shape[0], len(self.scales)
         guided = cfg != 1.0
-        labels = torch.cat([cond, torch.full_like(cond, self.num_classes)]) if guided else cond  # (B',)
+        labels = self.class_emb.with_null(cond) if guided else cond  # (B',)
         self.setup_cache(labels.shape[0], self.L, device=cond.device)
         outs = []
         for k, s in enumerate(self.scales):

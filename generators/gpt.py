@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from generators.layers import Attention, CachedBlocksMixin, RMSNorm, SwiGLU, rope_grid_angles, swiglu_hidden
+from decoding.sampling import SamplingConfig, cfg_split_combine, sample_from_logits
+from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassEmbedding, RMSNorm, SwiGLU,
+                               count_calls, rope_grid_angles, swiglu_hidden)
 
 
 #################################################################################
@@ -29,8 +32,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(dim)
         self.ffn = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), dropout)
 
-    def forward(self, x, rope, mask=None, is_causal=False, use_cache=False):
-        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, use_cache)
+    def forward(self, x, rope, mask=None, is_causal=False, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -56,7 +59,7 @@ class GPT(CachedBlocksMixin, nn.Module):
         self.grid_size, self.dim, self.class_dropout = tuple(grid_size), dim, class_dropout
         self.max_cache_len = block_size + 1  # class token + every image token (the last one only in windows)
 
-        self.cls_embed = nn.Embedding(num_classes + 1, dim)  # row num_classes = null class
+        self.cls_embed = ClassEmbedding(num_classes, dim, class_dropout)  # row num_classes = null class
         self.tok_embed = nn.Embedding(vocab_size, dim)
         self.tok_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
@@ -70,7 +73,6 @@ class GPT(CachedBlocksMixin, nn.Module):
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
 
-        self.last_hidden: torch.Tensor | None = None  # (B, n, dim): input of `head` at the last call's slots
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -83,75 +85,171 @@ class GPT(CachedBlocksMixin, nn.Module):
         self.apply(_init)
         nn.init.zeros_(self.head.weight)
 
-    # -- helpers ------------------------------------------------------------------------------
-    def drop_labels(self, cond: torch.Tensor) -> torch.Tensor:
-        """Replace labels by the null class with probability class_dropout (training only)."""
-        if self.training and self.class_dropout > 0:
-            drop = torch.rand(cond.shape[0], device=cond.device) < self.class_dropout
-            cond = torch.where(drop, torch.full_like(cond, self.num_classes), cond)
-        return cond
+    # -- the generator interface (decoding/ar.py, the LightningModule and sample.py call only these) --------
+    kind = "gpt"
+    layout = "raster"  # token cache layout: (N, h*w) codes in raster order
 
-    def _rope(self, start: int, end: int):
-        return self.rope_cos[start:end], self.rope_sin[start:end]  # (n, head_dim/2) each
+    @staticmethod
+    def check_tokenizer(quantizer, tokenizer_path) -> None:
+        """A ValueError unless the tokenizer is single-scale and discrete (vq, fsq, lfq, ...)."""
+        multiscale, continuous = getattr(quantizer, "multiscale", False), getattr(quantizer, "continuous", False)
+        if multiscale or continuous or not quantizer.codebook_size:
+            what = "multi-scale" if multiscale else "continuous"
+            raise ValueError(f"generator=gpt needs a single-scale discrete tokenizer (vq, fsq, lfq, ...), but "
+                             f"{tokenizer_path} is a {what} {type(quantizer).__name__} tokenizer; use generator=var "
+                             "for msvq, generator=flowar for kl")
 
-    def _run(self, x, start, mask=None, is_causal=False, use_cache=False) -> torch.Tensor:
-        """Blocks + norm + head on x (B, n, D) occupying slots [start, start+n) -> logits (B, n, V) float."""
-        if start + x.shape[1] > self.rope_cos.shape[0]:
-            raise ValueError(f"slots up to {start + x.shape[1]} exceed block_size + 1 = {self.rope_cos.shape[0]}")
-        rope = self._rope(start, start + x.shape[1])
+    @staticmethod
+    def model_args(tokenizer, image_size: int, num_classes: int, model_cfg: dict) -> dict:
+        """Constructor arguments from the tokenizer and the data: vocabulary, classes, the token grid."""
+        h, w = tokenizer.token_shape(image_size)
+        return {"vocab_size": int(tokenizer.quantizer.codebook_size), "num_classes": num_classes,
+                "block_size": h * w, "grid_size": [h, w]}
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer=None):
+        """Teacher-forced cross-entropy of cached codes (B, L) -> (loss, token accuracy)."""
+        tokens = codes.long()
+        logits = self(tokens, labels)  # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        return loss, (logits.argmax(-1) == tokens).float().mean()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per generated sequence."""
+        return self.block_size
+
+    def forward_counter(self) -> count_calls:
+        """Counts target forward passes (calls of the block stack)."""
+        return count_calls(self.blocks[0])
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
+               tokenizer=None, use_cache: bool = True) -> torch.Tensor:
+        """The reference sampler: token-by-token raster sampling -> tokens (B, L) int64.
+
+        ``use_cache=False`` reruns the full causal forward on the prefix every token (the naive reference);
+        both draw from the generator identically, so they give the same tokens for the same seed.
+        """
+        B, L = cond.shape[0], self.block_size
+        guided = sampling.cfg_scale != 1.0
+        labels = self.cls_embed.with_null(cond) if guided else cond  # (B',)
+        tokens = torch.zeros(B, L, dtype=torch.long, device=cond.device)
+        if use_cache:
+            self.setup_cache(labels.shape[0], L, device=cond.device)  # class + L-1 fed tokens
+        for i in range(L):
+            # 1. logits of token i given the class and tokens < i
+            if use_cache:
+                if i == 0:
+                    logits = self.prefill(labels)[:, -1]  # (B', V)
+                else:
+                    prev = tokens[:, i - 1:i].repeat(labels.shape[0] // B, 1)  # (B', 1)
+                    logits = self.step(prev, i)[:, -1]  # token i-1 sits at position i
+            else:
+                prefix = tokens[:, :i + 1].repeat(labels.shape[0] // B, 1)  # (B', i+1); the last input is unused
+                logits = self(prefix, labels)[:, i]  # (B', V)
+            # 2. classifier-free guidance on the [cond; uncond] batch (optionally only for the first tokens)
+            if guided:
+                use_cfg = sampling.cfg_interval < 0 or i < sampling.cfg_interval
+                logits = cfg_split_combine(logits, sampling.cfg_scale) if use_cfg else logits[:B]
+            # 3. temperature / top-k / top-p, one seeded draw
+            tokens[:, i] = sample_from_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+        if use_cache:
+            self.free_cache()
+        return tokens
+
+    @staticmethod
+    def tokens_to_images(tokenizer, tokens: torch.Tensor, info: dict) -> torch.Tensor:
+        """(B, L) raster codes -> images (B, C, H, W) through the tokenizer's decoder."""
+        h, w = info["token_shape"]
+        return tokenizer.decode(tokens.reshape(tokens.shape[0], h, w))
+
+    # -- the network ------------------------------------------------------------------------------
+    def _embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, n) int -> embeddings (B, n, D); float inputs (B, n, D) are embeddings already."""
+        return x if x.is_floating_point() else self.tok_embed(x)
+
+    def _rope(self, positions: int | torch.Tensor, n: int):
+        """cos/sin of n inputs at positions start..start+n-1 (int) -> (n, Dh/2), or per row (B, n) -> (B, n, Dh/2)."""
+        if isinstance(positions, int):
+            if positions + n > self.rope_cos.shape[0]:
+                raise ValueError(f"positions up to {positions + n - 1} exceed block_size = {self.block_size}")
+            return self.rope_cos[positions:positions + n], self.rope_sin[positions:positions + n]
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def _run(self, x, positions, mask=None, is_causal=False, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks + norm + head on x (B, n, D) at ``positions`` -> (logits (B, n, V) float, hidden (B, n, D))."""
+        rope = self._rope(positions, x.shape[1])
         for blk in self.blocks:
-            x = blk(x, rope, mask, is_causal, use_cache)
+            x = blk(x, rope, mask, is_causal, cache)
         h = self.norm(x)  # (B, n, D)
-        self.last_hidden = h
-        return self.head(h).float()  # (B, n, V)
+        return self.head(h).float(), h
 
     # -- teacher forcing ----------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor | None, cond: torch.Tensor, embeds: torch.Tensor | None = None,
+                return_hidden: bool = False):
         """tokens (B, L) int64 raster order, cond (B,) -> logits (B, L, V); logits[:, i] predicts tokens[:, i].
 
-        The input is [class, tokens[:, :-1]]: tokens[:, -1] is only a target. Labels are dropped to the
-        null class with probability class_dropout in training mode.
+        The input is [class, tokens[:, :-1]]: tokens[:, -1] is only a target. ``embeds`` (B, n, D), n <= L,
+        replaces the token embeddings (a draft head or a distilled student drives the backbone): the input is
+        then [class, embeds] and the logits are (B, n + 1, V). Labels are dropped to the null class with
+        probability class_dropout in training mode. ``return_hidden``: also the final-norm hidden states.
         """
-        cond = self.drop_labels(cond)
-        x = torch.cat([self.cls_embed(cond)[:, None], self.tok_embed(tokens[:, :-1])], dim=1)  # (B, L, D)
-        return self._run(self.tok_drop(x), 0, is_causal=True)
+        inputs = self.tok_embed(tokens[:, :-1]) if embeds is None else embeds  # (B, n, D)
+        x = torch.cat([self.cls_embed(cond)[:, None], inputs], dim=1)  # (B, n+1, D)
+        logits, h = self._run(self.tok_drop(x), 0, is_causal=True)
+        return (logits, h) if return_hidden else logits
 
     # -- incremental decoding over the KV cache ------------------------------------------------
-    @property
-    def num_cached_tokens(self) -> int:
-        """Image tokens in the cache (cache length minus the class slot)."""
-        return max(self.cache_length - 1, 0)
-
-    def prefill(self, cond: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Reset the cache and feed [class, tokens]: cond (B,), tokens (B, n) or None -> logits (B, n+1, V).
-
-        logits[:, j] predicts image token j; the last row is the next token's distribution. Afterwards
-        the cache length is n + 1.
-        """
-        self.truncate_cache(0)
+    # Positions: 0 is the class token, position p >= 1 holds image token p-1 (and predicts image token p).
+    # Without a tree, cache slot = position.
+    def prefill(self, cond: torch.Tensor, tokens: torch.Tensor | None = None, return_hidden: bool = False):
+        """Reset the cache and feed [class, tokens]: cond (B,), tokens (B, n) ids or (B, n, D) embeddings or None
+        -> logits (B, n+1, V); logits[:, j] predicts image token j. Afterwards every row holds n + 1 slots."""
+        self._check_cache()
         x = self.cls_embed(cond)[:, None]  # (B, 1, D)
         if tokens is not None and tokens.shape[1] > 0:
-            x = torch.cat([x, self.tok_embed(tokens)], dim=1)  # (B, n+1, D)
-        return self._run(x, 0, is_causal=True, use_cache=True)
+            x = torch.cat([x, self._embed_inputs(tokens)], dim=1)  # (B, n+1, D)
+        n = x.shape[1]
+        logits, h = self._run(x, 0, is_causal=True, cache=CacheAccess(0, n))
+        self._set_length(n)
+        return (logits, h) if return_hidden else logits
 
-    def step(self, tokens: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        """Feed a window of image tokens (B, n) = tokens start..start+n-1 -> logits (B, n, V).
+    def step(self, x: torch.Tensor, positions: int | torch.Tensor, mask: torch.Tensor | None = None,
+             slots: torch.Tensor | None = None, kv_len: int | None = None, return_hidden: bool = False):
+        """Feed n inputs over the cache -> logits (B, n, V) (and hidden (B, n, D) with ``return_hidden``).
 
-        logits[:, j] predicts image token start+j+1 given everything before it (causal within the window,
-        so a Jacobi window of drafts gets every position's distribution in one pass). ``start`` defaults to
-        the cached token count and must equal it: roll back first with ``truncate_cache(start + 1)``.
+        x: image token ids (B, n) or input embeddings (B, n, D). positions: an int p (every row feeds
+        positions p..p+n-1, i.e. image tokens p-1..p+n-2; p must equal the cache length) or per-row positions
+        (B, n) int64 (rows at different lengths: speculative windows after per-row rollback; tree nodes share
+        positions). logits[:, j] predicts the image token after the one at positions[:, j].
+        slots: cache slots to write (default = positions; a draft tree writes its nodes at distinct slots).
+        mask: bool over cache slots, (n, T) or (B, n, T), True = may attend (a tree mask); default: causal by
+        position (slot j visible to a query at position p iff j <= p). kv_len: attend over slots [0, kv_len);
+        default: positions + n for an int, the whole buffer for per-row positions (static shapes).
         """
-        cached = self.num_cached_tokens
-        start = cached if start is None else start
-        if self.cache_length == 0 or start != cached:
-            raise ValueError(f"step(start={start}) but the cache holds {cached} image tokens "
-                             f"(cache length {self.cache_length}); prefill or truncate_cache(start + 1) first")
-        n, slot = tokens.shape[1], self.cache_length
-        mask = None
-        if n > 1:  # query slot+i sees keys 0..slot+i
-            keys = torch.arange(slot + n, device=tokens.device)
-            mask = keys[None, :] <= (slot + torch.arange(n, device=tokens.device))[:, None]  # (n, slot+n)
-        return self._run(self.tok_embed(tokens), slot, mask=mask, use_cache=True)
+        e = self._embed_inputs(x)  # (B, n, D)
+        n = e.shape[1]
+        if isinstance(positions, int):
+            self._check_start(positions)
+            kv_len = positions + n if kv_len is None else kv_len
+            if mask is None and n > 1:  # causal inside the window
+                mask = self._slot_ids[None, :kv_len] <= torch.arange(positions, positions + n,
+                                                                     device=e.device)[:, None]  # (n, T)
+            write = positions if slots is None else slots
+        else:
+            if mask is None:
+                mask = self.position_mask(positions, kv_len)  # (B, 1, n, T)
+            write = positions if slots is None else slots
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]  # (B, 1, n, T)
+        logits, h = self._run(e, positions, mask=mask, cache=CacheAccess(write, kv_len))
+        if isinstance(positions, int) and slots is None:
+            self._set_length(positions + n)
+        else:  # per-row (or tree) step: the caller rolls rows back to what they accept
+            self._uniform_length = None
+            if slots is None:
+                self._lengths.copy_(positions[:, -1] + 1)
+        return (logits, h) if return_hidden else logits
 
 
 #################################################################################

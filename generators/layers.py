@@ -1,12 +1,14 @@
 """Transformer layers shared by GPT, VAR and FlowAR: norms, MLPs, 2D RoPE, attention and a static KV cache.
 
 Attention runs through ``F.scaled_dot_product_attention``. Masks are boolean, True = may attend. The KV
-cache is preallocated once per layer, written in place and read through views, so decoding allocates
-nothing per step; ``truncate`` rolls it back for speculative decoding.
+cache is preallocated once per layer and written at explicit slots (one int for the whole batch, or a
+tensor of per-row slots), read through views, so decoding allocates no buffers per step; rows roll back
+independently (speculative decoding) and a draft tree is verified with its own mask.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,11 @@ from torch import nn
 #################################################################################
 
 class RMSNorm(nn.Module):
-    """Root-mean-square LayerNorm (Llama); ``affine=False`` drops the gain for AdaLN blocks."""
+    """Root-mean-square LayerNorm (Llama); ``affine=False`` drops the gain for AdaLN blocks.
+
+    Not ``torch.nn.RMSNorm``: that one normalises in the input dtype, LlamaGen normalises in fp32 under bf16
+    autocast and casts back (``.float()`` ... ``.type_as(x)``), which this keeps.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
         super().__init__()
@@ -52,7 +58,10 @@ class SwiGLU(nn.Module):
 
 
 class Mlp(nn.Module):
-    """GELU(tanh) MLP, fc1 -> act -> fc2 (VAR's FFN)."""
+    """GELU(tanh) MLP, fc1 -> act -> fc2 (VAR's FFN).
+
+    Not timm's ``Mlp``: that applies dropout twice (after the activation and after fc2), VAR's FFN once.
+    """
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
@@ -65,7 +74,11 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample during training."""
+    """Stochastic depth: drop the whole residual branch per sample during training.
+
+    The same computation as timm's ``DropPath`` (same Bernoulli draw, same 1/keep scaling); kept here because
+    importing ``timm.layers`` costs about 2.5 s of CPU per process for these ten lines.
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -76,6 +89,33 @@ class DropPath(nn.Module):
             return x
         keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
+
+
+class ClassEmbedding(nn.Embedding):
+    """Class embedding with a null class (row num_classes) that owns label dropout (DiT's LabelEmbedder).
+
+    In training mode each label is replaced by the null class with probability ``dropout`` (classifier-free
+    guidance); in eval mode labels pass unchanged. An nn.Embedding, so its state_dict key stays ``<name>.weight``.
+    """
+
+    def __init__(self, num_classes: int, dim: int, dropout: float = 0.0):
+        super().__init__(num_classes + 1, dim)
+        self.num_classes, self.dropout = num_classes, dropout
+
+    def drop(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) -> labels with the null class where dropped (training only)."""
+        if self.training and self.dropout > 0:
+            dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout
+            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return labels
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) -> (B, dim), after label dropout in training mode."""
+        return super().forward(self.drop(labels))
+
+    def with_null(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) -> [labels; null] (2B,): the batch that runs cond and uncond in one forward."""
+        return torch.cat([labels, torch.full_like(labels, self.num_classes)])
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -112,7 +152,9 @@ def rope_grid_angles(h: int, w: int, head_dim: int, base: float = 10000.0, step:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, H, N, Dh) by angles with cos/sin (N, Dh/2); same shape out."""
+    """Rotate consecutive channel pairs of x (B, H, N, Dh) by angles with cos/sin (N, Dh/2) or (B, N, Dh/2)."""
+    if cos.dim() == 3:  # per-row positions: (B, N, Dh/2) -> (B, 1, N, Dh/2)
+        cos, sin = cos[:, None], sin[:, None]
     xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, H, N, Dh/2, 2)
     x0, x1 = xf.unbind(-1)
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, N, Dh/2, 2)
@@ -147,37 +189,65 @@ def block_causal_mask(scales) -> torch.Tensor:
 #                                  KV cache                                     #
 #################################################################################
 
+class CacheAccess(NamedTuple):
+    """Where a forward pass writes its keys/values in the static cache and how much of it the queries read.
+
+    slots: an int s (every row writes its n new entries at slots s..s+n-1) or an int64 tensor (B, n) of slots
+    per row and input. kv_len: the queries attend over cache slots [0, kv_len) (None = the whole buffer, the
+    static shape for compiled steps). The attention mask (if any) is over those kv_len slots.
+    """
+
+    slots: int | torch.Tensor
+    kv_len: int | None = None
+
+
 class KVCache:
-    """Static per-layer K/V buffer (2, B, heads, max_len, head_dim); ``length`` slots are valid."""
+    """Static per-layer K/V buffer (2, B, kv_heads, max_len, head_dim), written at explicit slots.
+
+    Nothing is ever reallocated: ``write`` copies into the buffer (a slice for an int slot, ``index_put_`` for
+    per-row slots) and ``view`` returns slices, so a decode step with fixed shapes allocates nothing new.
+    Validity is the caller's contract: a query attends to the slots its mask (or the default causal-by-position
+    mask) allows; rolling back a row is writing its next inputs at the rolled-back slots.
+    """
 
     def __init__(self, batch_size: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device=None):
-        # one buffer for k and v, never reallocated: append writes in place and returns views
-        self.kv = torch.empty(2, batch_size, heads, max_len, head_dim, dtype=dtype, device=device)
+        # zeros, not empty: unwritten slots are masked out, but must not hold NaN/inf bit patterns
+        self.kv = torch.zeros(2, batch_size, heads, max_len, head_dim, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1) row index for per-row writes
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, heads, n, head_dim) at [length, length+n); return all valid k, v (B, heads, length, hd)."""
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[1]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: int | torch.Tensor) -> None:
+        """Store k, v (b, heads, n, head_dim) at ``slots`` (int start, or (b, n) per-row slots)."""
         b, n = k.shape[0], k.shape[2]
-        end = self.length + n
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > max_len {self.max_len}")
-        if b > self.kv.shape[1]:
-            raise RuntimeError(f"KV cache holds batch {self.kv.shape[1]}, got {b}")
-        self.kv[0, :b, :, self.length:end] = k
-        self.kv[1, :b, :, self.length:end] = v
-        self.length = end
-        return self.kv[0, :b, :, :end], self.kv[1, :b, :, :end]
+        if b > self.batch_size:
+            raise RuntimeError(f"KV cache holds batch {self.batch_size}, got {b}")
+        if isinstance(slots, int):
+            if slots < 0 or slots + n > self.max_len:
+                raise RuntimeError(f"KV cache overflow: slots {slots}..{slots + n - 1} outside max_len {self.max_len}")
+            self.kv[0, :b, :, slots:slots + n] = k
+            self.kv[1, :b, :, slots:slots + n] = v
+        else:
+            rows = self.rows[:b]  # (b, 1)
+            # advanced indices on dims 0 and 2 -> the indexed view is (b, n, heads, head_dim)
+            self.kv[0][rows, :, slots] = k.transpose(1, 2)
+            self.kv[1][rows, :, slots] = v.transpose(1, 2)
 
-    def truncate(self, length: int) -> None:
-        """Roll back to the first ``length`` slots (speculative rejection); later slots get overwritten."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.length = length
+    def view(self, b: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of the first b rows over slots [0, kv_len): 2 x (b, heads, kv_len, head_dim) views."""
+        kv_len = self.max_len if kv_len is None else kv_len
+        return self.kv[0, :b, :, :kv_len], self.kv[1, :b, :, :kv_len]
 
-    def reset(self) -> None:
-        self.length = 0
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the entries at slots src (B, n) to slots dst (B, n) row by row (keep an accepted tree path)."""
+        rows = self.rows[:src.shape[0]]
+        for i in range(2):
+            picked = self.kv[i][rows, :, src]  # (B, n, heads, head_dim), a copy: safe when src and dst overlap
+            self.kv[i][rows, :, dst] = picked
 
 
 #################################################################################
@@ -205,11 +275,13 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, is_causal: bool = False, use_cache: bool = False) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D). mask: bool (N, T) or broadcastable to (B, heads, N, T), T = keys seen.
+                mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: CacheAccess | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D). mask: bool, True = may attend, broadcastable to (B, heads, N, T).
 
-        With ``use_cache`` the new k/v are appended to ``self.cache`` and the queries attend to every valid
-        cached slot (T = cache length after the append).
+        Without ``cache`` the keys are x's own (T = N). With ``cache`` the new k/v are written to
+        ``self.cache`` at ``cache.slots`` and the queries attend over cache slots [0, cache.kv_len) (T = kv_len).
+        rope: cos/sin (N, head_dim/2), or (B, N, head_dim/2) for per-row positions.
         """
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
@@ -220,10 +292,11 @@ class Attention(nn.Module):
             scale = 1.0
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if use_cache:
+        if cache is not None:
             if self.cache is None:
-                raise RuntimeError("use_cache=True but no cache: call setup_cache(...) first")
-            k, v = self.cache.append(k.to(self.cache.kv.dtype), v.to(self.cache.kv.dtype))  # (B, H, T, Dh)
+                raise RuntimeError("a cached forward needs a cache: call setup_cache(...) first")
+            self.cache.write(k.to(self.cache.kv.dtype), v.to(self.cache.kv.dtype), cache.slots)
+            k, v = self.cache.view(b, cache.kv_len)  # (B, H, T, Dh)
             k, v = k.to(q.dtype), v.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
@@ -237,9 +310,12 @@ class Attention(nn.Module):
 #################################################################################
 
 class CachedBlocksMixin:
-    """setup/truncate/free the KV caches of ``self.blocks[i].attn`` (GPT, VAR and FlowAR's trunk).
+    """setup / roll back / free the KV caches of ``self.blocks[i].attn`` (GPT, VAR and FlowAR's trunk).
 
-    The subclass sets ``self.max_cache_len`` (the longest sequence it can decode).
+    The subclass sets ``self.max_cache_len`` (the longest sequence it can decode). Besides the buffers the
+    mixin keeps the cache length: ``cache_length`` (an int while every row holds the same number of slots,
+    as after ``prefill`` and uniform steps; None after per-row steps) and ``cache_lengths`` ((B,) int64 on
+    the device, always).
     """
 
     blocks: nn.ModuleList
@@ -261,25 +337,99 @@ class CachedBlocksMixin:
         for blk in self.blocks:
             attn = blk.attn
             attn.cache = KVCache(batch_size, attn.heads, max_len, attn.head_dim, dtype, device)
-
-    def truncate_cache(self, length: int) -> None:
-        """Keep the first ``length`` cached positions in every layer (speculative rollback)."""
-        for blk in self.blocks:
-            self._cache_of(blk).truncate(length)
+        self._slot_ids = torch.arange(max_len, device=device)  # (max_len,) for position masks
+        self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self._uniform_length: int | None = 0
 
     def free_cache(self) -> None:
         """Drop every layer's cache (frees its memory)."""
         for blk in self.blocks:
             blk.attn.cache = None
+        self._uniform_length = None
 
     @property
-    def cache_length(self) -> int:
-        """Number of valid cached positions (0 when no cache is set up)."""
-        cache = self.blocks[0].attn.cache
-        return 0 if cache is None else cache.length
+    def has_cache(self) -> bool:
+        return self.blocks[0].attn.cache is not None
 
-    @staticmethod
-    def _cache_of(blk) -> KVCache:
-        if blk.attn.cache is None:
+    @property
+    def cache_length(self) -> int | None:
+        """Valid slots when all rows agree (0 without a cache), None after a per-row step or rollback."""
+        return self._uniform_length if self.has_cache else 0
+
+    @property
+    def cache_lengths(self) -> torch.Tensor:
+        """(B,) int64: valid slots of every row."""
+        self._check_cache()
+        return self._lengths
+
+    def truncate_cache(self, length: int) -> None:
+        """Roll every row back to its first ``length`` slots (later slots are overwritten by the next step)."""
+        self._check_cache()
+        cur = self._uniform_length
+        if length < 0 or (cur is not None and length > cur):
+            raise ValueError(f"cannot truncate a cache of length {cur} to {length}")
+        self._set_length(length)
+
+    def rollback(self, lengths: torch.Tensor) -> None:
+        """Per-row rollback: row b keeps slots [0, lengths[b]) ((B,) int64; no host sync).
+
+        The next ``step`` of row b writes at positions starting at lengths[b]; with the default causal mask
+        (key slot j visible to a query at position p iff j <= p) no stale slot is ever read.
+        """
+        self._check_cache()
+        self._lengths.copy_(lengths)
+        self._uniform_length = None
+
+    def move_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy cache entries at slots src (B, n) to slots dst (B, n) in every layer (keep an accepted tree path)."""
+        self._check_cache()
+        for blk in self.blocks:
+            blk.attn.cache.move(src, dst)
+
+    # -- used by the models' cached forwards ---------------------------------------------------------
+    def _set_length(self, length: int) -> None:
+        self._uniform_length = length
+        self._lengths.fill_(length)
+
+    def _check_cache(self) -> None:
+        if not self.has_cache:
             raise RuntimeError("no KV cache: call setup_cache(batch_size, max_len, dtype, device) first")
-        return blk.attn.cache
+
+    def _check_start(self, start: int) -> None:
+        """A uniform step must start where every row's cache ends (truncate_cache first to roll back)."""
+        self._check_cache()
+        if self._uniform_length is not None and start != self._uniform_length:
+            raise ValueError(f"a step at position {start}, but the cache holds {self._uniform_length} positions; "
+                             f"roll back with truncate_cache({start}) first, or continue at {self._uniform_length}")
+
+    def position_mask(self, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """Causal mask by position for per-row queries: positions (B, n) -> bool (B, 1, n, kv_len).
+
+        Key slot j is visible to a query at position p iff j <= p (slot j holds position j).
+        """
+        slots = self._slot_ids if kv_len is None else self._slot_ids[:kv_len]
+        return (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, n, T)
+
+
+#################################################################################
+#                              Forward-pass counting                            #
+#################################################################################
+
+class count_calls:
+    """Count the calls of a module inside a block: ``with count_calls(model.blocks[0]) as c: ...; c.count``.
+
+    A hook, so the model keeps no per-call state; a [cond; uncond] batch is one call.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module, self.count = module, 0
+
+    def _hook(self, *_):
+        self.count += 1
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

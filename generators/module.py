@@ -4,7 +4,7 @@ It trains on token caches (data/token_cache.py): teacher-forced cross-entropy fo
 VAR (next-scale codes, inputs from the frozen msvq), flow matching for FlowAR (scaled kl latents). AdamW
 (beta = 0.9, 0.95, decay on matrices only), warmup + cosine, gradient clipping, an EMA of the weights that
 evaluation, sample grids and the export use, bf16 autocast on CUDA only. Label dropout for classifier-free
-guidance happens inside the networks' forward (``drop_labels``).
+guidance happens inside the networks' class embedding (``ClassEmbedding``).
 
 The tokenizer is frozen and held in a plain list, so it is no submodule: not in the state_dict, the .ckpt,
 model.safetensors or any optimizer. A generator's config names the tokenizer run and its hash;
@@ -22,64 +22,42 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchvision.utils import save_image
 
-from decoding.ar import SamplingConfig, generate
+from decoding.registry import get_decoder, synchronize
+from decoding.sampling import SamplingConfig
 from utils.ema import EMA
 from utils.schedule import warmup_cosine
 
 log = logging.getLogger("tokar")
 
-# generator name -> the token layout it reads (data/token_cache.py)
-GENERATOR_LAYOUT = {"gpt": "raster", "var": "multiscale", "flowar": "latent"}
 
 
 #################################################################################
 #                      Pairing, model arguments, building                       #
 #################################################################################
 
+def generator_class(name: str):
+    """The network class of a generator name (generator=<name>): GPT, VAR or FlowAR."""
+    from generators.flowar import FlowAR
+    from generators.gpt import GPT
+    from generators.var import VAR
+
+    classes = {cls.kind: cls for cls in (GPT, VAR, FlowAR)}
+    if name not in classes:
+        raise ValueError(f"unknown generator {name!r}; one of {', '.join(classes)}")
+    return classes[name]
+
+
 def check_pairing(generator: str, quantizer, tokenizer_path) -> None:
     """A ValueError unless the tokenizer's quantizer suits the generator (VAR: msvq, FlowAR: kl, GPT: discrete)."""
-    if generator not in GENERATOR_LAYOUT:
-        raise ValueError(f"unknown generator {generator!r}; one of {', '.join(GENERATOR_LAYOUT)}")
-    kind = type(quantizer).__name__
-    multiscale, continuous = getattr(quantizer, "multiscale", False), getattr(quantizer, "continuous", False)
-    if generator == "var" and not multiscale:
-        raise ValueError(f"generator=var needs a multi-scale VQ tokenizer (tokenizer=msvq), but {tokenizer_path} "
-                         f"is a {kind} tokenizer")
-    if generator == "flowar" and not continuous:
-        raise ValueError(f"generator=flowar needs a continuous tokenizer (tokenizer=kl), but {tokenizer_path} is a "
-                         f"{kind} tokenizer")
-    if generator == "gpt" and (multiscale or continuous or not quantizer.codebook_size):
-        what = "multi-scale" if multiscale else "continuous"
-        raise ValueError(f"generator=gpt needs a single-scale discrete tokenizer (vq, fsq, lfq, ...), but "
-                         f"{tokenizer_path} is a {what} {kind} tokenizer; use generator=var for msvq, "
-                         "generator=flowar for kl")
+    generator_class(generator).check_tokenizer(quantizer, tokenizer_path)
 
 
 def model_args(generator: str, tokenizer, image_size: int, num_classes: int, model_cfg: dict) -> dict:
     """The constructor arguments that come from the tokenizer and the data (nanoGPT's model_args)."""
-    q = tokenizer.quantizer
-    shape = tokenizer.token_shape(image_size)
-    if generator == "gpt":
-        h, w = shape
-        return {"vocab_size": int(q.codebook_size), "num_classes": num_classes, "block_size": h * w,
-                "grid_size": [h, w]}
-    if generator == "var":
-        scales = [int(s) for s, _ in shape]
-        if model_cfg.get("scales") is not None and list(model_cfg["scales"]) != scales:
-            raise ValueError(f"generator.model.scales={list(model_cfg['scales'])} differ from the msvq tokenizer's "
-                             f"scales {scales}; drop the setting (VAR takes the tokenizer's)")
-        return {"vocab_size": int(q.codebook_size), "num_classes": num_classes, "scales": scales,
-                "code_dim": int(q.out_channels)}
-    h, w = shape
-    scales = list(model_cfg.get("scales") or [])
-    if h != w or (scales and scales[-1] != h):
-        raise ValueError(f"generator.model.scales={scales} must end at the kl tokenizer's latent size {h}x{w} "
-                         f"(square latents only), e.g. scales=[1,2,4,{h}]")
-    return {"latent_channels": int(q.out_channels), "num_classes": num_classes}
+    return generator_class(generator).model_args(tokenizer, image_size, num_classes, model_cfg)
 
 
 def build_generator(config: dict) -> torch.nn.Module:
@@ -91,27 +69,12 @@ def build_generator(config: dict) -> torch.nn.Module:
 #                           Tokens <-> images                                   #
 #################################################################################
 
-def split_scales(codes: torch.Tensor, scales) -> list[torch.Tensor]:
-    """(B, L) multi-scale codes -> [(B, s, s)] per scale."""
-    out, begin = [], 0
-    for s in scales:
-        out.append(codes[:, begin:begin + s * s].reshape(codes.shape[0], s, s))
-        begin += s * s
-    return out
-
-
 @torch.no_grad()
-def decode_tokens(tokenizer, tokens, layout: str, token_shape, scale_factor: float = 1.0) -> torch.Tensor:
-    """Sampled tokens -> images (B, C, H, W) in [-1, 1]: GPT (B, L) codes, VAR [(B, s, s)], FlowAR scaled latents."""
+def decode_tokens(model, tokenizer, tokens, info: dict) -> torch.Tensor:
+    """Sampled tokens in ``model``'s layout -> images (B, C, H, W) in [-1, 1] (fp32, autocast off)."""
     device_type = (tokens[0] if isinstance(tokens, (list, tuple)) else tokens).device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        if layout == "raster":
-            h, w = token_shape
-            images = tokenizer.decode(tokens.reshape(tokens.shape[0], h, w))
-        elif layout == "multiscale":
-            images = tokenizer.decode(list(tokens))
-        else:
-            images = tokenizer.decode(tokens.float() / scale_factor)
+        images = model.tokens_to_images(tokenizer, tokens, info)
     return images.float().clamp(-1, 1)
 
 
@@ -122,25 +85,19 @@ def sampling_config(defaults: dict, overrides: dict | None = None) -> SamplingCo
     return SamplingConfig.from_any(merged)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def sample_images(model, tokenizer, labels: torch.Tensor, sampling: SamplingConfig, info: dict,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """Sample with decoding=ar and decode -> (images (B, C, H, W), stats + generate/decode seconds).
+                  generator: torch.Generator | None = None, decoder=None, settings=None) -> tuple[torch.Tensor, dict]:
+    """Sample with a decoding method (default ``ar``) and decode -> (images (B, C, H, W), stats + seconds).
 
     ``info`` is a generator config's "tokens" node (layout, token_shape, scale_factor). The two timings are
     synchronized on CUDA so they can be added or reported apart.
     """
-    layout = info["layout"]
-    msvq = tokenizer.quantizer if layout == "multiscale" else None
-    tokens, stats = generate(model, labels, sampling, generator, tokenizer=msvq)  # synchronized inside
+    decoder = get_decoder(decoder or "ar") if not hasattr(decoder, "run") else decoder
+    tokens, stats = decoder.run(model, labels, sampling, generator, tokenizer, settings)  # synchronized inside
     t0 = time.perf_counter()
-    images = decode_tokens(tokenizer, tokens, layout, info["token_shape"], info.get("scale_factor", 1.0))
-    _sync(labels.device)
+    images = decode_tokens(model, tokenizer, tokens, info)
+    synchronize(labels.device)
     stats = dict(stats, generate_seconds=stats["wall_time"], decode_seconds=time.perf_counter() - t0)
     return images, stats
 
@@ -188,11 +145,12 @@ def make_fid(data: dict, split: str, reference_images: int | None, device) -> tu
 @torch.no_grad()
 def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: SamplingConfig, batch_size: int,
                   seed: int, device, split: str = "test", reference_images: int | None = None, rank: int = 0,
-                  world_size: int = 1, save_dir: str | Path | None = None) -> dict:
+                  world_size: int = 1, save_dir: str | Path | None = None, decoder=None, settings=None) -> dict:
     """FID of ``num_samples`` samples balanced over classes against the reference statistics of ``split``.
 
     Rank r of ``world_size`` samples labels r, r + world, ... seeded ``seed * world + rank``; the FID states
     are summed over ranks in ``compute`` (every rank must call this). ``save_dir``: also write PNGs.
+    decoder / settings: the decoding method (a name or registry entry; default ``ar``) and its settings.
     """
     from evaluation.fid import protocol_label
 
@@ -200,10 +158,12 @@ def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: Sa
     fid, real = make_fid(data, split, reference_images, device)
     labels = (torch.arange(num_samples) % max(1, data["num_classes"]))[rank::world_size]
     g = torch.Generator(device=device).manual_seed(seed * world_size + rank)
+    decoder = get_decoder(decoder or "ar") if not hasattr(decoder, "run") else decoder
+    settings = decoder.parse_settings(settings)
     seconds = 0.0
     for i in range(0, labels.shape[0], batch_size):
         y = labels[i:i + batch_size].to(device)
-        images, stats = sample_images(model, tokenizer, y, sampling, config["tokens"], g)
+        images, stats = sample_images(model, tokenizer, y, sampling, config["tokens"], g, decoder, settings)
         seconds += stats["generate_seconds"] + stats["decode_seconds"]
         fid.update(images, real=False)
         if save_dir is not None:
@@ -214,7 +174,8 @@ def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: Sa
                            value_range=(-1, 1))
     value = fid.compute()
     label = protocol_label(num_samples, real, data["image_size"], num_real=fid.num_real)
-    return {"fid": value, "protocol": f"{label}, EMA weights, decoding=ar ({describe_sampling(sampling, config)})",
+    method = decoder.name + "".join(f", {k}={v}" for k, v in vars(settings).items())
+    return {"fid": value, "protocol": f"{label}, EMA weights, decoding={method} ({describe_sampling(sampling, config)})",
             "num_samples": num_samples, "sampling_seconds_rank0": round(seconds, 2)}
 
 
@@ -264,19 +225,8 @@ class GeneratorModule(L.LightningModule):
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss(self, net, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(loss, token accuracy or None) of a batch of cached codes under ``net``."""
-        if self.layout == "latent":
-            return net(codes.float(), labels), None
-        tokens = codes.long()  # (B, L)
-        if self.layout == "multiscale":
-            with torch.no_grad():
-                inputs = self.tokenizer.quantizer.teacher_inputs(split_scales(tokens, net.scales))  # (B, L-1, Cv)
-            logits = net(None, labels, inputs)  # (B, L, V)
-        else:
-            logits = net(tokens, labels)  # (B, L, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
-        acc = (logits.argmax(-1) == tokens).float().mean()
-        return loss, acc
+        """(loss, token accuracy or None) of a batch of cached codes under ``net`` (the generator's own loss)."""
+        return net.loss(codes, labels, self.tokenizer)
 
     # -- training ---------------------------------------------------------------------------------
     def configure_optimizers(self):

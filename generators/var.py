@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from decoding.sampling import sample_from_logits
-from generators.layers import (Attention, CachedBlocksMixin, DropPath, Mlp, block_causal_mask, scale_bounds,
-                               scale_levels)
+from decoding.sampling import SamplingConfig, sample_from_logits
+from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassEmbedding, DropPath, Mlp,
+                               block_causal_mask, count_calls, scale_bounds, scale_levels)
 
 
 #################################################################################
@@ -36,10 +37,10 @@ class AdaLNSelfAttnBlock(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, c, mask=None, use_cache=False):
+    def forward(self, x, c, mask=None, cache=None):
         # x (B, N, C), c (B, C) -> 6 x (B, 1, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(c).view(-1, 1, 6, self.dim).unbind(2)
-        x = x + self.drop_path(self.attn(self.ln(x) * (1 + scale1) + shift1, mask=mask, use_cache=use_cache) * gamma1)
+        x = x + self.drop_path(self.attn(self.ln(x) * (1 + scale1) + shift1, mask=mask, cache=cache) * gamma1)
         return x + self.drop_path(self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2)
 
 
@@ -79,7 +80,7 @@ class VAR(CachedBlocksMixin, nn.Module):
         self.L = self.max_cache_len = self.bounds[-1][1]
         self.first_l = self.scales[0] ** 2
 
-        self.class_emb = nn.Embedding(num_classes + 1, C)  # row num_classes = null class
+        self.class_emb = ClassEmbedding(num_classes, C, class_dropout)  # row num_classes = null class
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
         self.pos_embed = nn.Parameter(torch.empty(1, self.L, C))  # learned absolute position per token
         self.lvl_embed = nn.Embedding(len(self.scales), C)
@@ -94,7 +95,6 @@ class VAR(CachedBlocksMixin, nn.Module):
         self.register_buffer("attn_mask", block_causal_mask(self.scales), persistent=False)  # (L, L) bool
 
         self._cond_emb: torch.Tensor | None = None  # (B, C) class embedding of the cached sequence
-        self.last_hidden: torch.Tensor | None = None  # (B, n, C): input of `head` at the last call's tokens
         self.initialize_weights(init_adaln, init_adaln_gamma, init_head, init_std)
 
     def initialize_weights(self, init_adaln=0.5, init_adaln_gamma=1e-3, init_head=0.02, init_std=None):
@@ -120,13 +120,68 @@ class VAR(CachedBlocksMixin, nn.Module):
                 blk.ada_lin[-1].weight[2 * C:].mul_(init_adaln)
                 blk.ada_lin[-1].weight[:2 * C].mul_(init_adaln_gamma)
 
-    # -- helpers ------------------------------------------------------------------------------
-    def drop_labels(self, cond: torch.Tensor) -> torch.Tensor:
-        """Replace labels by the null class with probability class_dropout (training only)."""
-        if self.training and self.class_dropout > 0:
-            drop = torch.rand(cond.shape[0], device=cond.device) < self.class_dropout
-            cond = torch.where(drop, torch.full_like(cond, self.num_classes), cond)
-        return cond
+    # -- the generator interface (decoding/ar.py, the LightningModule and sample.py call only these) --------
+    kind = "var"
+    layout = "multiscale"  # token cache layout: (N, L) codes, the per-scale maps flattened and concatenated
+
+    @staticmethod
+    def check_tokenizer(quantizer, tokenizer_path) -> None:
+        """A ValueError unless the tokenizer is VAR's multi-scale residual VQ (tokenizer=msvq)."""
+        if not getattr(quantizer, "multiscale", False):
+            raise ValueError(f"generator=var needs a multi-scale VQ tokenizer (tokenizer=msvq), but {tokenizer_path} "
+                             f"is a {type(quantizer).__name__} tokenizer")
+
+    @staticmethod
+    def model_args(tokenizer, image_size: int, num_classes: int, model_cfg: dict) -> dict:
+        """Constructor arguments from the tokenizer and the data: vocabulary, classes, scales, code width."""
+        scales = [int(s) for s, _ in tokenizer.token_shape(image_size)]
+        if model_cfg.get("scales") is not None and list(model_cfg["scales"]) != scales:
+            raise ValueError(f"generator.model.scales={list(model_cfg['scales'])} differ from the msvq tokenizer's "
+                             f"scales {scales}; drop the setting (VAR takes the tokenizer's)")
+        q = tokenizer.quantizer
+        return {"vocab_size": int(q.codebook_size), "num_classes": num_classes, "scales": scales,
+                "code_dim": int(q.out_channels)}
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer):
+        """Teacher-forced cross-entropy of cached codes (B, L) (inputs from the frozen msvq) -> (loss, accuracy)."""
+        tokens = codes.long()
+        with torch.no_grad():
+            inputs = tokenizer.quantizer.teacher_inputs(self.split_scales(tokens))  # (B, L - s_0^2, Cv)
+        logits = self(None, labels, inputs)  # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        return loss, (logits.argmax(-1) == tokens).float().mean()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per generated sequence."""
+        return self.L
+
+    def forward_counter(self) -> count_calls:
+        """Counts target forward passes (calls of the block stack)."""
+        return count_calls(self.blocks[0])
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
+               tokenizer=None, use_cache: bool = True) -> list:
+        """The reference sampler: one cached forward per scale -> index maps [(B, s_k, s_k)]."""
+        if not use_cache:
+            raise ValueError("VAR samples over its KV cache only (use_cache=false applies to GPT)")
+        if tokenizer is None:
+            raise ValueError("VAR sampling needs tokenizer=<the msvq tokenizer (or its quantizer)>")
+        msvq = getattr(tokenizer, "quantizer", tokenizer)
+        return self.generate(msvq, cond, sampling.cfg_scale, sampling.temperature, sampling.top_k,
+                             sampling.top_p, generator)
+
+    @staticmethod
+    def tokens_to_images(tokenizer, tokens, info: dict) -> torch.Tensor:
+        """Index maps [(B, s_k, s_k)] (or (B, L) flattened) -> images (B, C, H, W) through the msvq decoder."""
+        if torch.is_tensor(tokens):
+            tokens = split_scales(tokens, [s for s, _ in info["token_shape"]])
+        return tokenizer.decode(list(tokens))
+
+    def split_scales(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        """(B, L) codes -> [(B, s_k, s_k)] per scale."""
+        return split_scales(codes, self.scales)
 
     @staticmethod
     def flatten_indices(indices) -> torch.Tensor:
@@ -135,61 +190,76 @@ class VAR(CachedBlocksMixin, nn.Module):
             return indices
         return torch.cat([idx.reshape(idx.shape[0], -1) for idx in indices], dim=1)
 
+    # -- the network ------------------------------------------------------------------------------
     def _check_end(self, end: int) -> None:
         if end not in [e for _, e in self.bounds]:
             raise ValueError(f"{end} tokens is not a scale boundary of {self.scales}")
 
-    def _embed(self, c: torch.Tensor, inputs: torch.Tensor | None) -> torch.Tensor:
-        """SOS from c (B, C) plus word_embed(inputs (B, n, code_dim)) -> (B, first_l + n, C) with positions."""
-        x = c[:, None] + self.pos_start  # (B, first_l, C)
-        if inputs is not None and inputs.shape[1] > 0:
-            x = torch.cat([x, self.word_embed(inputs)], dim=1)  # (B, T, C)
+    def _embed(self, c: torch.Tensor, inputs: torch.Tensor | None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """SOS from c (B, C) plus word_embed(inputs (B, n, code_dim)) -> (B, first_l + n, C) with positions.
+
+        ``embeds`` (B, T, C) replaces the whole input embedding (SOS included): a distilled student or a
+        draft head drives the backbone; the level and position embeddings are still added.
+        """
+        if embeds is not None:
+            x = embeds
+        else:
+            x = c[:, None] + self.pos_start  # (B, first_l, C)
+            if inputs is not None and inputs.shape[1] > 0:
+                x = torch.cat([x, self.word_embed(inputs)], dim=1)  # (B, T, C)
         T = x.shape[1]
         self._check_end(T)
         return x + self.lvl_embed(self.lvl[:T]) + self.pos_embed[:, :T]
 
-    def _run(self, x, c, mask=None, use_cache=False) -> torch.Tensor:
-        """Blocks + AdaLN + head on x (B, n, C) -> logits (B, n, V) float."""
+    def _run(self, x, c, mask=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks + AdaLN + head on x (B, n, C) -> (logits (B, n, V) float, hidden (B, n, C))."""
         for blk in self.blocks:
-            x = blk(x, c, mask=mask, use_cache=use_cache)
+            x = blk(x, c, mask=mask, cache=cache)
         h = self.head_nm(x, c)  # (B, n, C)
-        self.last_hidden = h
-        return self.head(h).float()  # (B, n, V)
+        return self.head(h).float(), h
 
     # -- teacher forcing ----------------------------------------------------------------------
-    def forward(self, tokens, cond: torch.Tensor, teacher_inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens, cond: torch.Tensor, teacher_inputs: torch.Tensor | None = None,
+                embeds: torch.Tensor | None = None, return_hidden: bool = False):
         """Teacher-forced logits (B, T, V); logits[:, i] predicts flattened token i.
 
         tokens: [(B, s_k, s_k)] or (B, T) ground-truth indices (only checked against T; they are the CE
         targets, ``flatten_indices(tokens)``), or None. cond: (B,) labels (dropped to the null class with
         probability class_dropout in training). teacher_inputs: (B, T - s_0^2, code_dim) =
-        ``msvq.teacher_inputs(indices)``. T = L, or any scale boundary when training on a prefix of scales.
+        ``msvq.teacher_inputs(indices)``; or ``embeds`` (B, T, C) in place of the whole input embedding.
+        T = L, or any scale boundary when training on a prefix of scales. ``return_hidden``: also the hidden
+        states before the head (B, T, C).
         """
-        cond = self.drop_labels(cond)
-        c = self.class_emb(cond)  # (B, C)
-        x = self._embed(c, teacher_inputs)  # (B, T, C)
+        c = self.class_emb(cond)  # (B, C), label dropout in training
+        x = self._embed(c, teacher_inputs, embeds)  # (B, T, C)
         T = x.shape[1]
         if tokens is not None and self.flatten_indices(tokens).shape[1] != T:
             raise ValueError(f"tokens hold {self.flatten_indices(tokens).shape[1]} positions, inputs give {T}")
-        return self._run(x, c, mask=self.attn_mask[:T, :T])
+        logits, h = self._run(x, c, mask=self.attn_mask[:T, :T])
+        return (logits, h) if return_hidden else logits
 
     # -- incremental decoding over the KV cache ------------------------------------------------
-    def prefill(self, cond: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, cond: torch.Tensor, inputs: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                return_hidden: bool = False):
         """Reset the cache and run scales 0..N in one block-causal pass -> logits (B, end_N, V).
 
         cond (B,); inputs (B, n, code_dim) = the inputs of scales 1..N (n = end_N - s_0^2), or None for
-        scale 0 only. The last s_N^2 rows of the logits predict scale N. The class embedding is kept for
-        the following ``step`` calls.
+        scale 0 only (or ``embeds`` (B, end_N, C)). The last s_N^2 rows of the logits predict scale N. The
+        class embedding is kept for the following ``step`` calls.
         """
-        self.truncate_cache(0)
+        self._check_cache()
         c = self.class_emb(cond)  # (B, C)
         self._cond_emb = c
-        x = self._embed(c, inputs)  # (B, T, C)
+        x = self._embed(c, inputs, embeds)  # (B, T, C)
         T = x.shape[1]
-        return self._run(x, c, mask=self.attn_mask[:T, :T] if T > self.first_l else None, use_cache=True)
+        mask = self.attn_mask[:T, :T] if T > self.first_l else None
+        logits, h = self._run(x, c, mask=mask, cache=CacheAccess(0, T))
+        self._set_length(T)
+        return (logits, h) if return_hidden else logits
 
-    def step(self, inputs: torch.Tensor, scale: int) -> torch.Tensor:
-        """One whole scale k >= 1: inputs (B, s_k^2, code_dim) -> logits (B, s_k^2, V).
+    def step(self, inputs: torch.Tensor | None, scale: int, embeds: torch.Tensor | None = None,
+             return_hidden: bool = False):
+        """One whole scale k >= 1: inputs (B, s_k^2, code_dim) (or ``embeds`` (B, s_k^2, C)) -> logits (B, s_k^2, V).
 
         The cache must hold exactly scales 0..k-1 (``truncate_cache(bounds[k][0])`` to roll back).
         """
@@ -197,18 +267,12 @@ class VAR(CachedBlocksMixin, nn.Module):
         if scale < 1 or self.cache_length != begin or self._cond_emb is None:
             raise ValueError(f"step(scale={scale}) needs a cache holding {begin} tokens (scales 0..{scale - 1}), "
                              f"it holds {self.cache_length}; use prefill for scale 0")
-        x = self.word_embed(inputs) + self.lvl_embed(self.lvl[begin:end]) + self.pos_embed[:, begin:end]  # (B, s^2, C)
+        x = self.word_embed(inputs) if embeds is None else embeds
+        x = x + self.lvl_embed(self.lvl[begin:end]) + self.pos_embed[:, begin:end]  # (B, s^2, C)
         # queries of scale k see every cached token of scales < k and their own scale: no mask needed
-        return self._run(x, self._cond_emb, use_cache=True)
-
-    @torch.no_grad()
-    def scale_inputs(self, msvq, indices_prefix) -> tuple[torch.Tensor, torch.Tensor]:
-        """N index maps (B, s_k, s_k) of scales 0..N-1 -> (f_hat (B, Cv, S, S), inputs of scales 1..N (B, n, Cv))."""
-        f_hat, chunks = None, []
-        for k, idx in enumerate(indices_prefix):
-            f_hat, nxt = msvq.next_input(f_hat, k, idx)
-            chunks.append(nxt.flatten(2).transpose(1, 2))  # (B, s_{k+1}^2, Cv)
-        return f_hat, torch.cat(chunks, dim=1)
+        logits, h = self._run(x, self._cond_emb, cache=CacheAccess(begin, end))
+        self._set_length(end)
+        return (logits, h) if return_hidden else logits
 
     @torch.no_grad()
     def prefill_scales(self, cond: torch.Tensor, indices_prefix, msvq) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +283,7 @@ class VAR(CachedBlocksMixin, nn.Module):
         """
         if not 1 <= len(indices_prefix) < len(self.scales):
             raise ValueError(f"prefix must hold 1..{len(self.scales) - 1} scales, got {len(indices_prefix)}")
-        f_hat, inputs = self.scale_inputs(msvq, indices_prefix)  # (B, n, Cv)
+        inputs, f_hat = msvq.teacher_inputs(indices_prefix, with_f_hat=True)  # (B, n, Cv)
         inputs = inputs.repeat(cond.shape[0] // inputs.shape[0], 1, 1)  # (B', n, Cv)
         logits = self.prefill(cond, inputs.to(self.word_embed.weight.dtype))
         s = self.scales[len(indices_prefix)]
@@ -237,7 +301,7 @@ class VAR(CachedBlocksMixin, nn.Module):
         """
         B, K = cond.shape[0], len(self.scales)
         guided = cfg != 0
-        labels = torch.cat([cond, torch.full_like(cond, self.num_classes)]) if guided else cond  # (B',)
+        labels = self.class_emb.with_null(cond) if guided else cond  # (B',)
         self.setup_cache(labels.shape[0], self.L, device=cond.device)
         # 1. prefill: scale 0 from the class, or scales 0..N from a given prefix
         if indices_prefix:
@@ -263,6 +327,15 @@ class VAR(CachedBlocksMixin, nn.Module):
                 next_in = next_in.repeat(labels.shape[0] // B, 1, 1)  # (B', s_{k+1}^2, Cv)
         self.free_cache()
         return indices
+
+
+def split_scales(codes: torch.Tensor, scales) -> list[torch.Tensor]:
+    """(B, L) multi-scale codes -> [(B, s, s)] per scale."""
+    out, begin = [], 0
+    for s in scales:
+        out.append(codes[:, begin:begin + s * s].reshape(codes.shape[0], s, s))
+        begin += s * s
+    return out
 
 
 #################################################################################

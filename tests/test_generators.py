@@ -72,19 +72,21 @@ def tiny_flowar(**kw):
 
 # -- layers ------------------------------------------------------------------------------------
 
-def test_kv_cache_append_truncate_reset():
+def test_kv_cache_writes_at_slots():
     cache = KVCache(2, 3, 10, 4)
-    k, v = cache.append(torch.ones(2, 3, 4, 4), 2 * torch.ones(2, 3, 4, 4))
-    assert k.shape == (2, 3, 4, 4) and cache.length == 4 and (v == 2).all()
-    cache.truncate(1)
-    k, v = cache.append(torch.zeros(2, 3, 2, 4), torch.zeros(2, 3, 2, 4))
-    assert k.shape == (2, 3, 3, 4) and (k[:, :, 0] == 1).all() and (k[:, :, 1:] == 0).all()
-    with pytest.raises(ValueError):
-        cache.truncate(5)
+    ptr = cache.kv.data_ptr()
+    cache.write(torch.ones(2, 3, 4, 4), 2 * torch.ones(2, 3, 4, 4), 0)  # slots 0..3 of both rows
+    k, v = cache.view(2, 4)
+    assert k.shape == (2, 3, 4, 4) and (k == 1).all() and (v == 2).all()
+    # per-row slots: row 0 writes slot 4, row 1 slot 6
+    cache.write(3 * torch.ones(2, 3, 1, 4), 4 * torch.ones(2, 3, 1, 4), torch.tensor([[4], [6]]))
+    assert (cache.kv[0, 0, :, 4] == 3).all() and (cache.kv[0, 1, :, 6] == 3).all()
+    assert (cache.kv[0, 0, :, 6] == 0).all() and (cache.kv[0, 1, :, 4] == 0).all()
+    cache.move(torch.tensor([[4], [6]]), torch.tensor([[5], [5]]))  # compact both to slot 5
+    assert (cache.kv[1, :, :, 5] == 4).all()
+    assert cache.kv.data_ptr() == ptr  # never reallocated
     with pytest.raises(RuntimeError):
-        cache.append(torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8, 4))
-    cache.reset()
-    assert cache.length == 0
+        cache.write(torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8, 4), 4)  # overflow
 
 
 def test_block_causal_mask():
@@ -100,31 +102,31 @@ def test_gpt_cache_matches_full_forward():
     model = jitter(tiny_gpt())
     B = 3
     cond, tok = torch.randint(0, NC, (B,)), torch.randint(0, V, (B, 16))
-    full = model(tok, cond)  # (B, 16, V)
+    full, h_full = model(tok, cond, return_hidden=True)  # (B, 16, V), (B, 16, 32)
     assert full.shape == (B, 16, V)
-    h_full = model.last_hidden
     model.setup_cache(B)
-    # prefill the class, then one token at a time
+    # prefill the class, then one token at a time (image token i sits at position i + 1)
     out = [model.prefill(cond)]
     for i in range(15):
-        out.append(model.step(tok[:, i:i + 1], i))
-        assert torch.allclose(model.last_hidden, h_full[:, i + 1:i + 2], atol=ATOL)
+        logits, h = model.step(tok[:, i:i + 1], i + 1, return_hidden=True)
+        out.append(logits)
+        assert torch.allclose(h, h_full[:, i + 1:i + 2], atol=ATOL)
     assert torch.allclose(torch.cat(out, 1), full, atol=ATOL)
     # prefill with a prefix, then Jacobi-style windows of several tokens
     assert torch.allclose(model.prefill(cond, tok[:, :4]), full[:, :5], atol=ATOL)
-    assert torch.allclose(model.step(tok[:, 4:7]), full[:, 5:8], atol=ATOL)
-    assert torch.allclose(model.step(tok[:, 7:12], 7), full[:, 8:13], atol=ATOL)
-    assert model.last_hidden.shape == (B, 5, 32)
+    assert torch.allclose(model.step(tok[:, 4:7], 5), full[:, 5:8], atol=ATOL)
+    logits, h = model.step(tok[:, 7:12], 8, return_hidden=True)
+    assert torch.allclose(logits, full[:, 8:13], atol=ATOL) and h.shape == (B, 5, 32)
     # speculative rollback: keep 9 tokens, re-step different ones and compare with the edited sequence
     model.truncate_cache(1 + 9)
     tok2 = tok.clone()
     tok2[:, 9:] = (tok[:, 9:] + 1) % V
     full2 = model(tok2, cond)
-    assert torch.allclose(model.step(tok2[:, 9:13], 9), full2[:, 10:14], atol=ATOL)
-    assert torch.allclose(model.step(tok2[:, 13:14]), full2[:, 14:15], atol=ATOL)
+    assert torch.allclose(model.step(tok2[:, 9:13], 10), full2[:, 10:14], atol=ATOL)
+    assert torch.allclose(model.step(tok2[:, 13:14], 14), full2[:, 14:15], atol=ATOL)
     assert not torch.allclose(full2[:, 10:], full[:, 10:], atol=1e-3)
     with pytest.raises(ValueError):  # a gap in the cache is an error, not a silent mistake
-        model.step(tok2[:, 2:3], 2)
+        model.step(tok2[:, 2:3], 3)
 
 
 def test_gpt_is_causal():
@@ -161,8 +163,8 @@ def test_gpt_cached_and_naive_sampling_agree(cfg_scale):
     model = jitter(tiny_gpt(), std=0.3)
     cond = torch.tensor([0, 3, 7])
     sampling = dict(cfg_scale=cfg_scale, temperature=1.0, top_k=8, top_p=0.95)
-    cached, st_c = generate(model, cond, {**sampling, "use_cache": True}, torch.Generator().manual_seed(5))
-    naive, st_n = generate(model, cond, {**sampling, "use_cache": False}, torch.Generator().manual_seed(5))
+    cached, st_c = generate(model, cond, sampling, torch.Generator().manual_seed(5), use_cache=True)
+    naive, st_n = generate(model, cond, sampling, torch.Generator().manual_seed(5), use_cache=False)
     again, _ = generate(model, cond, sampling, torch.Generator().manual_seed(5))
     other, _ = generate(model, cond, sampling, torch.Generator().manual_seed(6))
     assert cached.shape == (3, 16) and cached.dtype == torch.long
@@ -192,15 +194,15 @@ def var_batch(msvq, B=3, seed=0):
 def test_var_cache_matches_full_forward(msvq):
     model = jitter(tiny_var())
     idx, inputs, cond = var_batch(msvq)
-    full = model(idx, cond, inputs)  # (B, 21, V)
+    full, h_full = model(idx, cond, inputs, return_hidden=True)  # (B, 21, V), (B, 21, 32)
     assert full.shape == (3, 21, V)
-    h_full = model.last_hidden
     model.setup_cache(3)
     # scale by scale
     assert torch.allclose(model.prefill(cond), full[:, :1], atol=ATOL)
     assert torch.allclose(model.step(inputs[:, :4], 1), full[:, 1:5], atol=ATOL)
-    assert torch.allclose(model.step(inputs[:, 4:], 2), full[:, 5:], atol=ATOL)
-    assert torch.allclose(model.last_hidden, h_full[:, 5:], atol=ATOL)
+    logits, h = model.step(inputs[:, 4:], 2, return_hidden=True)
+    assert torch.allclose(logits, full[:, 5:], atol=ATOL)
+    assert torch.allclose(h, h_full[:, 5:], atol=ATOL)
     # a block-causal prefill of scales 0..1, then the last scale
     assert torch.allclose(model.prefill(cond, inputs[:, :4]), full[:, :5], atol=ATOL)
     assert torch.allclose(model.step(inputs[:, 4:], 2), full[:, 5:], atol=ATOL)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from decoding.ar import SamplingConfig
+from decoding.sampling import SamplingConfig
 from decoding.sampling import (cfg_combine, cfg_split_combine, filter_logits, logits_to_probs, sample_from_logits,
                                top_k_filter, top_p_filter)
 
@@ -94,7 +94,9 @@ def test_greedy_is_argmax():
     assert torch.equal(sample_from_logits(logits, top_k=1), logits.argmax(-1))
 
 
-def test_sampling_config_from_dict_ignores_unknown_keys():
-    cfg = SamplingConfig.from_any({"cfg_scale": 2.0, "top_k": 5, "method": "sjd"})
-    assert cfg.cfg_scale == 2.0 and cfg.top_k == 5 and cfg.use_cache and math.isclose(cfg.top_p, 1.0)
+def test_sampling_config_from_dict_rejects_unknown_keys():
+    cfg = SamplingConfig.from_any({"cfg_scale": 2.0, "top_k": 5})
+    assert cfg.cfg_scale == 2.0 and cfg.top_k == 5 and math.isclose(cfg.top_p, 1.0)
     assert SamplingConfig.from_any(None) == SamplingConfig()
+    with pytest.raises(ValueError, match="unknown sampling setting 'method'.*cfg_scale, temperature"):
+        SamplingConfig.from_any({"cfg_scale": 2.0, "method": "sjd"})

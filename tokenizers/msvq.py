@@ -164,17 +164,20 @@ class MultiScaleVQ(Quantizer):
             next_in = self.downsample(f_hat, self.scales[k + 1]) if k + 1 < len(self.scales) else None
             return f_hat, next_in
 
-    def teacher_inputs(self, indices) -> torch.Tensor:
-        """Ground-truth index maps (all K, or the first K-1) -> (B, L - s_0**2, C) teacher-forcing inputs.
+    def teacher_inputs(self, indices, with_f_hat: bool = False):
+        """Index maps of the first N scales -> (B, n, C) inputs of scales 1..min(N, K-1), n = their token count.
 
-        The concatenated, flattened next_in of scales 1..K-1 (VAR's ``idxBl_to_var_input``).
+        The concatenated, flattened next_in of those scales: with all K (or the first K-1) ground-truth maps,
+        VAR's teacher-forcing input (``idxBl_to_var_input``, n = L - s_0**2); with a prefix of N < K sampled maps,
+        the input that prefills scales 0..N at once (collaborative decoding). ``with_f_hat``: also return f_hat
+        (B, C, S, S) after those scales.
         """
         b = indices[0].shape[0]
         with torch.autocast(device_type=indices[0].device.type, enabled=False):
             f_hat, chunks = None, []
-            for k in range(len(self.scales) - 1):
+            for k in range(min(len(indices), len(self.scales) - 1)):
                 f_hat, next_in = self.next_input(f_hat, k, indices[k])
                 chunks.append(next_in.flatten(2).transpose(1, 2))  # (B, s_{k+1}^2, C)
-            if not chunks:
-                return self.embedding.weight.new_zeros(b, 0, self.in_channels).float()
-            return torch.cat(chunks, dim=1)
+            inputs = (torch.cat(chunks, dim=1) if chunks
+                      else self.embedding.weight.new_zeros(b, 0, self.in_channels).float())
+            return (inputs, f_hat) if with_f_hat else inputs

@@ -1,0 +1,58 @@
+"""The decoder registry: names resolve to decoding/<name>.py, settings are validated, kinds are checked."""
+import pytest
+import torch
+
+from decoding.registry import available, get_decoder
+from decoding.sampling import SamplingConfig
+from generators.gpt import GPT
+from generators.var import VAR
+from tokenizers.msvq import MultiScaleVQ
+
+
+def test_ar_is_registered_and_applies_to_every_generator():
+    assert "ar" in available() and "registry" not in available() and "sampling" not in available()
+    dec = get_decoder("ar")
+    assert dec.name == "ar" and set(dec.applies_to) == {"gpt", "var", "flowar"}
+
+
+def test_unknown_decoder_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown decoding=sjdd; available: .*ar"):
+        get_decoder("sjdd")
+
+
+def test_misspelled_setting_is_an_error_listing_the_valid_ones():
+    dec = get_decoder("ar")
+    assert dec.parse_settings({"name": "ar", "use_cache": False}).use_cache is False
+    with pytest.raises(ValueError, match=r"unknown decoding.use_cahce for decoding=ar; its settings are: use_cache"):
+        dec.parse_settings({"name": "ar", "use_cahce": False})
+
+
+def test_run_counts_forward_passes_and_restores_train_mode():
+    model = GPT(16, 3, block_size=9, dim=16, depth=1, heads=2)
+    model.train()
+    tokens, stats = get_decoder("ar").run(model, torch.tensor([0, 2]), SamplingConfig(cfg_scale=2.0),
+                                          torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 9) and model.training
+    assert stats["forward_passes"] == 9 and stats["tokens"] == 9  # one [cond; uncond] call per token
+    _, naive = get_decoder("ar").run(model, torch.tensor([0]), None, None, settings={"use_cache": False})
+    assert naive["forward_passes"] == 9
+
+
+def test_var_counts_one_forward_per_scale_and_refuses_use_cache_false():
+    torch.manual_seed(0)
+    msvq = MultiScaleVQ(dim=8, codebook_size=16, scales=(1, 2, 3)).eval()
+    model = VAR(16, 3, (1, 2, 3), code_dim=8, depth=1, width=16, heads=2)
+    maps, stats = get_decoder("ar").run(model, torch.tensor([1]), SamplingConfig(cfg_scale=1.5), None, msvq)
+    assert [m.shape[-1] for m in maps] == [1, 2, 3] and stats["forward_passes"] == 3 and stats["tokens"] == 14
+    with pytest.raises(ValueError, match="use_cache=false applies to GPT"):
+        get_decoder("ar").run(model, torch.tensor([1]), None, None, msvq, {"use_cache": False})
+
+
+def test_a_decoder_refuses_a_generator_kind_it_does_not_apply_to():
+    from decoding.registry import Decoder
+
+    gpt_only = Decoder("gptonly", ("gpt",), get_decoder("ar").settings, get_decoder("ar").fn)
+    model = VAR(16, 3, (1, 2), code_dim=8, depth=1, width=16, heads=2)
+    with pytest.raises(ValueError, match=r"decoding=gptonly applies to gpt generators, not to this var run; "
+                                         r"decoders for var: .*ar"):
+        gpt_only.check_applies(model)
