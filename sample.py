@@ -18,7 +18,6 @@ import json
 import logging
 import warnings
 import os
-import time
 from pathlib import Path
 
 import hydra
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from utils.checkpoint import (CheckpointError, atomic_replace, expect_kind, load_tokenizer, load_weights,  # noqa: F401
                               resolve_checkpoint)
 from utils.hydra import register_resolvers
+from utils.timing import Stopwatch
 
 log = logging.getLogger("tokar")
 # Lightning noise that says nothing about the run: the EMA copy is meant to stay in eval mode.
@@ -127,29 +127,6 @@ def shared_output_dir(out: Path, world: int) -> Path:
     box = [str(out)]
     torch.distributed.broadcast_object_list(box, src=0)
     return Path(box[0])
-
-
-class Stopwatch:
-    """Seconds of a block: CUDA events on CUDA (after a synchronize), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, 0.0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.end.record()
-            torch.cuda.synchronize(self.device)
-            self.seconds = self.start.elapsed_time(self.end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self.t0
 
 
 @torch.no_grad()

@@ -20,11 +20,13 @@ class ArSettings:
     """decoding=ar's own settings."""
 
     use_cache: bool = True  # GPT only: False reruns the full causal forward every token (the naive reference)
+    compile: bool = False  # GPT on CUDA: the one-token step compiled with torch.compile (CUDA graphs)
 
 
 @register("ar", applies_to=("gpt", "var", "flowar"), settings=ArSettings)
 def _ar(model, cond, sampling, generator, tokenizer, settings: ArSettings):
-    return model.sample(cond, sampling, generator, tokenizer, use_cache=settings.use_cache), {}
+    return model.sample(cond, sampling, generator, tokenizer, use_cache=settings.use_cache,
+                        compile=settings.compile), {}
 
 
 def generate(model, cond: torch.Tensor, sampling=None, generator: torch.Generator | None = None, tokenizer=None,

@@ -24,16 +24,10 @@ from typing import Callable
 import torch
 
 from decoding.sampling import SamplingConfig
+from utils.timing import synchronize
 
 _DECODERS: dict[str, "Decoder"] = {}
 _HERE = Path(__file__).resolve().parent
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the device's queued work (CUDA); a no-op on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)

@@ -360,7 +360,7 @@ class FlowAR(CachedBlocksMixin, nn.Module):
     def sample(self, cond: torch.Tensor, sampling: SamplingConfig | None = None,
                generator: torch.Generator | None = None, tokenizer=None, return_all: bool = False,
                num_steps: int | None = None, cfg: float | None = None, guidance_until: float | None = None,
-               use_cache: bool = True):
+               use_cache: bool = True, compile: bool = False):
         """The reference sampler: latents (B, C, S, S) for labels cond (B,) (every scale's with ``return_all``).
 
         ``num_steps``, ``cfg``, ``guidance_until`` override the SamplingConfig's num_steps, cfg_scale and
@@ -369,8 +369,9 @@ class FlowAR(CachedBlocksMixin, nn.Module):
         One cached trunk pass per scale, then ``num_steps`` Euler steps of the head. Guidance ramps per
         scale, w_k = (cfg - 1) k / (K-1) + 1 (scale 0 unguided), applied while t <= guidance_until.
         """
-        if not use_cache:
-            raise ValueError("FlowAR samples over its KV cache only (use_cache=false applies to GPT)")
+        if not use_cache or compile:
+            raise ValueError("FlowAR samples over its KV cache, eagerly (use_cache=false and compile=true apply to "
+                             "GPT)")
         sampling = sampling or SamplingConfig()
         cfg = sampling.cfg_scale if cfg is None else cfg
         num_steps = sampling.num_steps if num_steps is None else num_steps

@@ -124,11 +124,13 @@ class GPT(CachedBlocksMixin, nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
-               tokenizer=None, use_cache: bool = True) -> torch.Tensor:
+               tokenizer=None, use_cache: bool = True, compile: bool = False) -> torch.Tensor:
         """The reference sampler: token-by-token raster sampling -> tokens (B, L) int64.
 
         ``use_cache=False`` reruns the full causal forward on the prefix every token (the naive reference);
         both draw from the generator identically, so they give the same tokens for the same seed.
+        ``compile`` (CUDA): the one-token decode step runs with fixed shapes (per-row positions over the whole
+        static cache) under ``torch.compile(mode="reduce-overhead")``, i.e. captured as a CUDA graph.
         """
         B, L = cond.shape[0], self.block_size
         guided = sampling.cfg_scale != 1.0
@@ -136,14 +138,16 @@ class GPT(CachedBlocksMixin, nn.Module):
         tokens = torch.zeros(B, L, dtype=torch.long, device=cond.device)
         if use_cache:
             self.setup_cache(labels.shape[0], L, device=cond.device)  # class + L-1 fed tokens
+        if compile:
+            decode = self._compiled_decode_step(cond.device, use_cache)
+            pos = torch.zeros(labels.shape[0], 1, dtype=torch.long, device=cond.device)  # (B', 1), static
         for i in range(L):
             # 1. logits of token i given the class and tokens < i
-            if use_cache:
-                if i == 0:
-                    logits = self.prefill(labels)[:, -1]  # (B', V)
-                else:
-                    prev = tokens[:, i - 1:i].repeat(labels.shape[0] // B, 1)  # (B', 1)
-                    logits = self.step(prev, i)[:, -1]  # token i-1 sits at position i
+            if use_cache and i == 0:
+                logits = self.prefill(labels)[:, -1]  # (B', V)
+            elif use_cache:
+                prev = tokens[:, i - 1:i].repeat(labels.shape[0] // B, 1)  # (B', 1): token i-1 sits at position i
+                logits = (decode(prev, pos.fill_(i)) if compile else self.step(prev, i))[:, -1]
             else:
                 prefix = tokens[:, :i + 1].repeat(labels.shape[0] // B, 1)  # (B', i+1); the last input is unused
                 logits = self(prefix, labels)[:, i]  # (B', V)
@@ -156,6 +160,13 @@ class GPT(CachedBlocksMixin, nn.Module):
         if use_cache:
             self.free_cache()
         return tokens
+
+    def _compiled_decode_step(self, device: torch.device, use_cache: bool):
+        """step(x (B, 1), positions (B, 1)) compiled for CUDA graphs (fixed shapes, static cache address)."""
+        if device.type != "cuda" or not use_cache:
+            raise ValueError("decoding.compile=true compiles the cached one-token step into a CUDA graph: it needs "
+                             "device=cuda and use_cache=true")
+        return torch.compile(self.step, mode="reduce-overhead", fullgraph=False)
 
     @staticmethod
     def tokens_to_images(tokenizer, tokens: torch.Tensor, info: dict) -> torch.Tensor:

@@ -214,6 +214,8 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device=None):
         # zeros, not empty: unwritten slots are masked out, but must not hold NaN/inf bit patterns
         self.kv = torch.zeros(2, batch_size, heads, max_len, head_dim, dtype=dtype, device=device)
+        if self.kv.is_cuda:  # a fixed address: a compiled step mutates it in place inside a CUDA graph
+            torch._dynamo.mark_static_address(self.kv)
         self.max_len = max_len
         self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1) row index for per-row writes
 

@@ -25,9 +25,10 @@ import torch
 from hydra.utils import instantiate
 from torchvision.utils import save_image
 
-from decoding.registry import get_decoder, synchronize
+from decoding.registry import get_decoder
 from decoding.sampling import SamplingConfig
 from utils.ema import EMA
+from utils.timing import synchronize
 from utils.schedule import warmup_cosine
 
 log = logging.getLogger("tokar")

@@ -162,10 +162,10 @@ class VAR(CachedBlocksMixin, nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
-               tokenizer=None, use_cache: bool = True) -> list:
+               tokenizer=None, use_cache: bool = True, compile: bool = False) -> list:
         """The reference sampler: one cached forward per scale -> index maps [(B, s_k, s_k)]."""
-        if not use_cache:
-            raise ValueError("VAR samples over its KV cache only (use_cache=false applies to GPT)")
+        if not use_cache or compile:
+            raise ValueError("VAR samples over its KV cache, eagerly (use_cache=false and compile=true apply to GPT)")
         if tokenizer is None:
             raise ValueError("VAR sampling needs tokenizer=<the msvq tokenizer (or its quantizer)>")
         msvq = getattr(tokenizer, "quantizer", tokenizer)

@@ -44,7 +44,7 @@ def test_var_counts_one_forward_per_scale_and_refuses_use_cache_false():
     model = VAR(16, 3, (1, 2, 3), code_dim=8, depth=1, width=16, heads=2)
     maps, stats = get_decoder("ar").run(model, torch.tensor([1]), SamplingConfig(cfg_scale=1.5), None, msvq)
     assert [m.shape[-1] for m in maps] == [1, 2, 3] and stats["forward_passes"] == 3 and stats["tokens"] == 14
-    with pytest.raises(ValueError, match="use_cache=false applies to GPT"):
+    with pytest.raises(ValueError, match="use_cache=false and compile=true apply to GPT"):
         get_decoder("ar").run(model, torch.tensor([1]), None, None, msvq, {"use_cache": False})
 
 
@@ -56,3 +56,25 @@ def test_a_decoder_refuses_a_generator_kind_it_does_not_apply_to():
     with pytest.raises(ValueError, match=r"decoding=gptonly applies to gpt generators, not to this var run; "
                                          r"decoders for var: .*ar"):
         gpt_only.check_applies(model)
+
+
+def test_compile_needs_cuda():
+    model = GPT(16, 3, block_size=4, dim=16, depth=1, heads=2)
+    with pytest.raises(ValueError, match="needs device=cuda"):
+        get_decoder("ar").run(model, torch.tensor([0]), None, None, settings={"compile": True})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding.compile captures CUDA graphs: needs CUDA")
+def test_compiled_decode_step_gives_the_eager_tokens():
+    torch.manual_seed(0)
+    model = GPT(64, 3, block_size=16, dim=64, depth=2, heads=2).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    cond = torch.tensor([0, 1, 2, 1], device="cuda")
+    s = SamplingConfig(cfg_scale=2.0, top_k=20, top_p=0.9)
+    eager, _ = get_decoder("ar").run(model, cond, s, torch.Generator("cuda").manual_seed(3))
+    for _ in range(2):  # the second call replays the captured graph
+        compiled, _ = get_decoder("ar").run(model, cond, s, torch.Generator("cuda").manual_seed(3),
+                                            settings={"compile": True})
+        assert torch.equal(eager, compiled)
