@@ -25,8 +25,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from utils.checkpoint import (CheckpointError, atomic_replace, expect_kind, load_tokenizer, load_weights,  # noqa: F401
-                              resolve_checkpoint)
+from utils.checkpoint import (CheckpointError, atomic_replace, expect_kind, load_generator, load_tokenizer,  # noqa: F401
+                              load_weights, resolve_checkpoint)
 from utils.hydra import register_resolvers
 from utils.timing import Stopwatch
 
@@ -84,31 +84,6 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
 
 
 # -- generators ------------------------------------------------------------------------------------
-def load_generator(ckpt, device: torch.device | str = "cpu", tokenizer_path: str | None = None):
-    """(generator in eval mode, its frozen tokenizer, run config) from a generator run, .ckpt or model.safetensors.
-
-    The tokenizer run named in the config (or ``tokenizer_path``, e.g. after moving it) must exist and have the
-    hash the generator was trained with (CheckpointError otherwise).
-    """
-    from data.token_cache import load_tokenizer_run
-    from generators.module import build_generator
-
-    config, state, _ = resolve_checkpoint(ckpt)
-    expect_kind(config, "generator", ckpt)
-    tok = config.get("tokenizer") or {}
-    path = tokenizer_path or tok.get("path")
-    if not path or not Path(path).exists():
-        raise CheckpointError(f"the tokenizer run this generator was trained on ({path}) is missing; {ckpt} cannot "
-                              "turn its codes into images without it (moved? pass tokenizer_ckpt=<its new folder>)")
-    tokenizer = load_tokenizer_run(path, device, expected_hash=tok.get("hash")).model
-    model = build_generator(config)
-    try:
-        load_weights(model, state, ckpt)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {ckpt} do not fit the generator config beside them: {e}") from e
-    return model.to(device).eval(), tokenizer, config
-
-
 def distributed() -> tuple[int, int]:
     """(rank, world size); joins the process group under torchrun (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -144,13 +119,14 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     settings = decoder.parse_settings(cfg.decoding)  # a misspelled decoding.* key fails here
     model, tokenizer, config = load_generator(cfg.ckpt, device, cfg.get("tokenizer_ckpt"))
     decoder.check_applies(model)
+    settings = decoder.prepare(settings, config, device)  # e.g. loads and checks a refiner run
     overrides = {k: cfg.get(k) for k in ("cfg_scale", "temperature", "top_k", "top_p", "cfg_interval", "num_steps",
                                          "guidance_until")}
     sampling = sampling_config(config["generator"]["sampling"], overrides)
     info, data = config["tokens"], config["data"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     result = {"kind": "generator", "ckpt": str(cfg.ckpt), "generator": config["generator"]["name"],
-              "decoding": cfg.decoding.name, "decoding_settings": dict(vars(settings)),
+              "decoding": cfg.decoding.name, "decoding_settings": decoder.describe(settings),
               "sampling": dict(vars(sampling)), "device": str(device),
               "world_size": world, "output_dir": str(out)}
 

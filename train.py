@@ -112,6 +112,24 @@ def prepare_tokenizer_task(cfg: DictConfig, out: Path):
     return datamodule, config, TokenizerModule(config, output_dir=str(out))
 
 
+def init_generator_weights(module, config: dict, source) -> None:
+    """Start a generator run from another run's (EMA) weights: fine-tuning with a fresh optimizer and schedule.
+
+    The source must read the same tokenizer and data and have the same architecture (model and model_args).
+    """
+    from utils.checkpoint import CheckpointError, check_same_tokenizer, load_generator
+
+    src, _, sconfig = load_generator(source, "cpu")
+    check_same_tokenizer(config, sconfig, "generator.init_from", "this run", source)
+    if sconfig["model_args"] != config["model_args"] or sconfig["generator"]["model"] != config["generator"]["model"]:
+        raise CheckpointError(f"generator.init_from={source} is a {sconfig['generator']['model']} with "
+                              f"{sconfig['model_args']}; this run builds {config['generator']['model']} with "
+                              f"{config['model_args']}: set generator.model to the source's")
+    module.model.load_state_dict(src.state_dict())
+    module.ema.shadow.load_state_dict(src.state_dict())
+    log.info("generator weights initialised from %s", source)
+
+
 def prepare_generator_task(cfg: DictConfig, out: Path):
     """(datamodule, config, model) of task=generator: load the tokenizer run, check the pairing, build the caches."""
     from data.token_cache import TokenDataModule, layout_of, load_tokenizer_run, prepare_token_caches, read_metadata
@@ -161,6 +179,8 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
     if cfg.get("ckpt_path"):
         check_resume_compatible(cfg.ckpt_path, config)
     model = GeneratorModule(config, output_dir=str(out), tokenizer=run.model)
+    if cfg.generator.get("init_from") and not cfg.get("ckpt_path"):
+        init_generator_weights(model, config, cfg.generator.init_from)
     log.info("generator %s (%s parameters) on %s codes of the tokenizer %s", gen, count_parameters(model.model),
              config["tokens"]["layout"], run.run_dir)
     return datamodule, config, model

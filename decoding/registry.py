@@ -9,7 +9,8 @@ the call (synchronised on CUDA).
 
 A method's ``generate(model, cond, sampling, generator, tokenizer, settings) -> (tokens, stats)`` returns
 the tokens in the generator's layout and its own statistics (accepted lengths, ...); ``run`` adds
-forward_passes (counted), tokens (per sequence) and wall_time.
+forward_passes (counted on ``model``, unless the method reports the total over several networks), tokens
+(per sequence) and wall_time.
 """
 from __future__ import annotations
 
@@ -38,18 +39,29 @@ class Decoder:
     applies_to: tuple[str, ...]
     settings: type
     fn: Callable
+    prepare_fn: Callable | None = None  # (settings, run config, device) -> settings with what they load
+
+    def prepare(self, settings, config: dict, device):
+        """Load what the settings name (another run, a neighbour table) once per sampling session and check it
+        against the generator run's config; sample.py calls this after loading the run."""
+        settings = self.parse_settings(settings)
+        return self.prepare_fn(settings, config, device) if self.prepare_fn else settings
 
     def parse_settings(self, node=None):
         """The settings dataclass from a dict / DictConfig (``name`` ignored); unknown keys list the valid ones."""
         if isinstance(node, self.settings):
             return node
         values = {k: v for k, v in dict(node or {}).items() if k != "name"}
-        names = [f.name for f in dataclasses.fields(self.settings)]
+        names = [f.name for f in dataclasses.fields(self.settings) if f.init]  # init=False: loaded, not set
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise ValueError(f"unknown decoding.{unknown[0]} for decoding={self.name}; its settings are: "
                              f"{', '.join(names) or '(none)'}")
         return self.settings(**values)
+
+    def describe(self, settings) -> dict:
+        """The user-set settings as a plain dict (for metrics.json and protocol labels)."""
+        return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.init}
 
     def check_applies(self, model) -> None:
         kind = getattr(model, "kind", type(model).__name__)
@@ -75,16 +87,19 @@ class Decoder:
         finally:
             model.train(was_training)
         synchronize(cond.device)
-        stats = dict(stats or {})
-        stats.update(forward_passes=counter.count, tokens=model.num_tokens,
-                     wall_time=time.perf_counter() - t0)
+        # a method that runs more than one network reports its own total forward_passes
+        stats = {"forward_passes": counter.count, **(stats or {}), "tokens": model.num_tokens,
+                 "wall_time": time.perf_counter() - t0}
         return tokens, stats
 
 
-def register(name: str, applies_to, settings: type):
-    """Decorator: register ``generate(model, cond, sampling, generator, tokenizer, settings)`` as ``name``."""
+def register(name: str, applies_to, settings: type, prepare: Callable | None = None):
+    """Decorator: register ``generate(model, cond, sampling, generator, tokenizer, settings)`` as ``name``.
+
+    ``prepare(settings, run config, device) -> settings``: optional, loads what the settings refer to.
+    """
     def wrap(fn):
-        _DECODERS[name] = Decoder(name, tuple(applies_to), settings, fn)
+        _DECODERS[name] = Decoder(name, tuple(applies_to), settings, fn, prepare)
         return fn
     return wrap
 

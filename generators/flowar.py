@@ -255,8 +255,10 @@ class FlowAR(CachedBlocksMixin, nn.Module):
                              f"(square latents only), e.g. scales=[1,2,4,{h}]")
         return {"latent_channels": int(tokenizer.quantizer.out_channels), "num_classes": num_classes}
 
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer=None):
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer=None, objective=None):
         """Flow-matching loss of cached latents (B, C, S, S) -> (loss, None): no token accuracy."""
+        if objective is not None:
+            raise ValueError("FlowAR has no token logits: train_scales and distillation apply to GPT and VAR")
         return self(codes.float(), labels), None
 
     @property

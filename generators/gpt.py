@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from decoding.sampling import SamplingConfig, cfg_split_combine, sample_from_logits
+from generators.objective import TokenObjective, token_loss
 from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassEmbedding, RMSNorm, SwiGLU,
                                count_calls, rope_grid_angles, swiglu_hidden)
 
@@ -106,12 +106,18 @@ class GPT(CachedBlocksMixin, nn.Module):
         return {"vocab_size": int(tokenizer.quantizer.codebook_size), "num_classes": num_classes,
                 "block_size": h * w, "grid_size": [h, w]}
 
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer=None):
-        """Teacher-forced cross-entropy of cached codes (B, L) -> (loss, token accuracy)."""
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer=None, objective: TokenObjective | None = None):
+        """Teacher-forced loss of cached codes (B, L) -> (loss, token accuracy); ``objective``: positions that
+        count and/or distillation from a teacher GPT's logits (same dropped labels)."""
         tokens = codes.long()
-        logits = self(tokens, labels)  # (B, L, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
-        return loss, (logits.argmax(-1) == tokens).float().mean()
+        teacher = objective.teacher if objective is not None else None
+        if teacher is None:
+            return token_loss(self(tokens, labels), tokens, objective)  # logits (B, L, V)
+        labels = self.cls_embed.drop(labels)  # one draw for student and teacher
+        logits = self(tokens, labels, drop_labels=False)
+        with torch.no_grad():
+            teacher_logits = teacher(tokens, labels)
+        return token_loss(logits, tokens, objective, teacher_logits)
 
     @property
     def num_tokens(self) -> int:
@@ -197,7 +203,7 @@ class GPT(CachedBlocksMixin, nn.Module):
 
     # -- teacher forcing ----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor | None, cond: torch.Tensor, embeds: torch.Tensor | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, drop_labels: bool = True):
         """tokens (B, L) int64 raster order, cond (B,) -> logits (B, L, V); logits[:, i] predicts tokens[:, i].
 
         The input is [class, tokens[:, :-1]]: tokens[:, -1] is only a target. ``embeds`` (B, n, D), n <= L,
@@ -206,7 +212,7 @@ class GPT(CachedBlocksMixin, nn.Module):
         probability class_dropout in training mode. ``return_hidden``: also the final-norm hidden states.
         """
         inputs = self.tok_embed(tokens[:, :-1]) if embeds is None else embeds  # (B, n, D)
-        x = torch.cat([self.cls_embed(cond)[:, None], inputs], dim=1)  # (B, n+1, D)
+        x = torch.cat([self.cls_embed(cond, drop=drop_labels)[:, None], inputs], dim=1)  # (B, n+1, D)
         logits, h = self._run(self.tok_drop(x), 0, is_causal=True)
         return (logits, h) if return_hidden else logits
 

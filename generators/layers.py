@@ -109,9 +109,9 @@ class ClassEmbedding(nn.Embedding):
             labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
         return labels
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels (B,) -> (B, dim), after label dropout in training mode."""
-        return super().forward(self.drop(labels))
+    def forward(self, labels: torch.Tensor, drop: bool = True) -> torch.Tensor:
+        """labels (B,) -> (B, dim), after label dropout in training mode (``drop=False``: already dropped)."""
+        return super().forward(self.drop(labels) if drop else labels)
 
     def with_null(self, labels: torch.Tensor) -> torch.Tensor:
         """labels (B,) -> [labels; null] (2B,): the batch that runs cond and uncond in one forward."""

@@ -61,6 +61,37 @@ def model_args(generator: str, tokenizer, image_size: int, num_classes: int, mod
     return generator_class(generator).model_args(tokenizer, image_size, num_classes, model_cfg)
 
 
+def build_objective(model, config: dict):
+    """The TokenObjective of a run's generator.train_scales / generator.distill, or None for the plain loss.
+
+    The teacher (distill.teacher, a generator run on the same tokenizer and data) is loaded frozen, in eval
+    mode, and kept out of the module's parameters and state_dict.
+    """
+    from generators.objective import TokenObjective
+    from utils.checkpoint import check_same_tokenizer, load_generator
+
+    gen = config["generator"]
+    scales, distill = gen.get("train_scales"), gen.get("distill") or {}
+    if scales is None and not distill.get("teacher"):
+        return None
+    if scales is not None and not hasattr(model, "scale_positions"):
+        raise ValueError(f"generator.train_scales applies to VAR (scale indices); {gen['name']} has no scales")
+    objective = TokenObjective(positions=model.scale_positions(scales) if scales is not None else None)
+    if distill.get("teacher"):
+        teacher, _, tconfig = load_generator(distill["teacher"], "cpu")
+        check_same_tokenizer(config, tconfig, "the distillation teacher", "this run", distill["teacher"])
+        if tconfig["generator"]["name"] != gen["name"]:
+            raise ValueError(f"distill.teacher {distill['teacher']} is a {tconfig['generator']['name']} run; a "
+                             f"{gen['name']} student needs a {gen['name']} teacher")
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        objective.teacher = teacher
+        objective.temperature = float(distill.get("temperature", 1.0))
+        objective.kl_weight = float(distill.get("kl_weight", 1.0))
+        objective.ce_weight = float(distill.get("ce_weight", 0.0))
+    return objective
+
+
 def build_generator(config: dict) -> torch.nn.Module:
     """The network from a generator run config: generator.model (with _target_) + model_args."""
     return instantiate(config["generator"]["model"], _convert_="all", **config["model_args"])
@@ -175,7 +206,7 @@ def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: Sa
                            value_range=(-1, 1))
     value = fid.compute()
     label = protocol_label(num_samples, real, data["image_size"], num_real=fid.num_real)
-    method = decoder.name + "".join(f", {k}={v}" for k, v in vars(settings).items())
+    method = decoder.name + "".join(f", {k}={v}" for k, v in decoder.describe(settings).items())
     return {"fid": value, "protocol": f"{label}, EMA weights, decoding={method} ({describe_sampling(sampling, config)})",
             "num_samples": num_samples, "sampling_seconds_rank0": round(seconds, 2)}
 
@@ -200,6 +231,7 @@ class GeneratorModule(L.LightningModule):
         self.model = build_generator(config)
         self.ema = EMA(self.model, self.config["ema_decay"])
         self._tokenizer: list = [tokenizer] if tokenizer is not None else []  # frozen, no submodule
+        self.objective = build_objective(self.model, config)  # None: plain cross-entropy / flow matching
         self.batches_seen = 0  # drives the resumable data order
         self._resume_rng: dict | None = None  # the global RNG state of a resumed checkpoint, set at its first batch
         self.last_grid: str | None = None
@@ -227,7 +259,10 @@ class GeneratorModule(L.LightningModule):
     # -- loss -------------------------------------------------------------------------------------
     def _loss(self, net, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss, token accuracy or None) of a batch of cached codes under ``net`` (the generator's own loss)."""
-        return net.loss(codes, labels, self.tokenizer)
+        if self.objective is None:
+            return net.loss(codes, labels, self.tokenizer)
+        self.objective.teacher = self.objective.teacher.to(self.device) if self.objective.teacher else None
+        return net.loss(codes, labels, self.tokenizer, self.objective)
 
     # -- training ---------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from decoding.sampling import SamplingConfig, sample_from_logits
+from generators.objective import TokenObjective, token_loss
 from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassEmbedding, DropPath, Mlp,
                                block_causal_mask, count_calls, scale_bounds, scale_levels)
 
@@ -142,14 +142,31 @@ class VAR(CachedBlocksMixin, nn.Module):
         return {"vocab_size": int(q.codebook_size), "num_classes": num_classes, "scales": scales,
                 "code_dim": int(q.out_channels)}
 
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer):
-        """Teacher-forced cross-entropy of cached codes (B, L) (inputs from the frozen msvq) -> (loss, accuracy)."""
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor, tokenizer, objective: TokenObjective | None = None):
+        """Teacher-forced loss of cached codes (B, L) (inputs from the frozen msvq) -> (loss, accuracy).
+
+        ``objective``: cross-entropy on some scales only, or distillation from a teacher VAR's logits (the
+        teacher sees the same inputs and the same dropped labels).
+        """
         tokens = codes.long()
         with torch.no_grad():
             inputs = tokenizer.quantizer.teacher_inputs(self.split_scales(tokens))  # (B, L - s_0^2, Cv)
-        logits = self(None, labels, inputs)  # (B, L, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
-        return loss, (logits.argmax(-1) == tokens).float().mean()
+        teacher = objective.teacher if objective is not None else None
+        if teacher is None:
+            return token_loss(self(None, labels, inputs), tokens, objective)  # logits (B, L, V)
+        labels = self.class_emb.drop(labels)  # one draw for student and teacher
+        logits = self(None, labels, inputs, drop_labels=False)  # (B, L, V)
+        with torch.no_grad():
+            teacher_logits = teacher(None, labels, inputs)  # (B, L, V), eval mode
+        return token_loss(logits, tokens, objective, teacher_logits)
+
+    def scale_positions(self, scales) -> torch.Tensor:
+        """(L,) bool: the token positions of the given scale indices (negative indices count from the end)."""
+        K = len(self.scales)
+        chosen = sorted({int(k) % K for k in scales})
+        if any(not -K <= int(k) < K for k in scales):
+            raise ValueError(f"train_scales {list(scales)} outside the {K} scales {self.scales} (0..{K - 1})")
+        return torch.isin(self.lvl, torch.tensor(chosen, device=self.lvl.device))
 
     @property
     def num_tokens(self) -> int:
@@ -220,7 +237,7 @@ class VAR(CachedBlocksMixin, nn.Module):
 
     # -- teacher forcing ----------------------------------------------------------------------
     def forward(self, tokens, cond: torch.Tensor, teacher_inputs: torch.Tensor | None = None,
-                embeds: torch.Tensor | None = None, return_hidden: bool = False):
+                embeds: torch.Tensor | None = None, return_hidden: bool = False, drop_labels: bool = True):
         """Teacher-forced logits (B, T, V); logits[:, i] predicts flattened token i.
 
         tokens: [(B, s_k, s_k)] or (B, T) ground-truth indices (only checked against T; they are the CE
@@ -228,9 +245,9 @@ class VAR(CachedBlocksMixin, nn.Module):
         probability class_dropout in training). teacher_inputs: (B, T - s_0^2, code_dim) =
         ``msvq.teacher_inputs(indices)``; or ``embeds`` (B, T, C) in place of the whole input embedding.
         T = L, or any scale boundary when training on a prefix of scales. ``return_hidden``: also the hidden
-        states before the head (B, T, C).
+        states before the head (B, T, C). ``drop_labels=False``: cond is already label-dropped.
         """
-        c = self.class_emb(cond)  # (B, C), label dropout in training
+        c = self.class_emb(cond, drop=drop_labels)  # (B, C), label dropout in training
         x = self._embed(c, teacher_inputs, embeds)  # (B, T, C)
         T = x.shape[1]
         if tokens is not None and self.flatten_indices(tokens).shape[1] != T:
@@ -292,14 +309,17 @@ class VAR(CachedBlocksMixin, nn.Module):
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, msvq, cond: torch.Tensor, cfg: float = 1.5, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None, indices_prefix=None) -> list:
+                 top_p: float = 1.0, generator: torch.Generator | None = None, indices_prefix=None,
+                 stop: int | None = None) -> list:
         """Sample index maps [(B, s_k, s_k)] for labels cond (B,), one cached forward per scale.
 
         CFG ramps with the scale: t = cfg * k / (K-1), logits = (1+t) cond - t uncond (scale 0 unguided;
         cfg = 0 runs no unconditional half). With ``indices_prefix`` (N maps) scales 0..N are prefilled in
-        one pass and sampling continues at scale N.
+        one pass and sampling continues at scale N. ``stop``: return after scale stop-1 (the first ``stop``
+        maps; collaborative decoding's drafter).
         """
-        B, K = cond.shape[0], len(self.scales)
+        B = cond.shape[0]
+        K = len(self.scales) if stop is None else stop
         guided = cfg != 0
         labels = self.class_emb.with_null(cond) if guided else cond  # (B',)
         self.setup_cache(labels.shape[0], self.L, device=cond.device)
@@ -316,11 +336,13 @@ class VAR(CachedBlocksMixin, nn.Module):
                 logits = self.step(next_in, k)  # (B', s^2, V)
             # 3. guidance ramp, then top-k / top-p multinomial sampling
             if guided:
-                t = cfg * k / max(K - 1, 1)
+                t = cfg * k / max(len(self.scales) - 1, 1)
                 logits = (1 + t) * logits[:B] - t * logits[B:]  # (B, s^2, V)
             idx = sample_from_logits(logits, temperature, top_k, top_p, generator).view(B, s, s)
             indices.append(idx)
             # 4. add the scale to f_hat; the next scale's input is f_hat area-downsampled
+            if k + 1 == K:
+                break
             f_hat, nxt = msvq.next_input(f_hat, k, idx)
             if nxt is not None:
                 next_in = nxt.flatten(2).transpose(1, 2).to(self.word_embed.weight.dtype)  # (B, s_{k+1}^2, Cv)

@@ -128,3 +128,43 @@ def load_tokenizer(ckpt: str | Path, device: torch.device | str = "cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"weights in {ckpt} do not fit the tokenizer config beside them: {e}") from e
     return model.to(device).eval(), config
+
+
+def load_generator(ckpt, device: torch.device | str = "cpu", tokenizer_path: str | None = None):
+    """(generator in eval mode, its frozen tokenizer, run config) from a generator run, .ckpt or model.safetensors.
+
+    The tokenizer run named in the config (or ``tokenizer_path``, e.g. after moving it) must exist and have the
+    hash the generator was trained with (CheckpointError otherwise).
+    """
+    from data.token_cache import load_tokenizer_run
+    from generators.module import build_generator
+
+    config, state, _ = resolve_checkpoint(ckpt)
+    expect_kind(config, "generator", ckpt)
+    tok = config.get("tokenizer") or {}
+    path = tokenizer_path or tok.get("path")
+    if not path or not Path(path).exists():
+        raise CheckpointError(f"the tokenizer run this generator was trained on ({path}) is missing; {ckpt} cannot "
+                              "turn its codes into images without it (moved? pass tokenizer_ckpt=<its new folder>)")
+    tokenizer = load_tokenizer_run(path, device, expected_hash=tok.get("hash")).model
+    model = build_generator(config)
+    try:
+        load_weights(model, state, ckpt)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {ckpt} do not fit the generator config beside them: {e}") from e
+    return model.to(device).eval(), tokenizer, config
+
+
+def check_same_tokenizer(config: dict, other: dict, what: str, path, other_path) -> None:
+    """A CheckpointError unless two generator runs read the same tokenizer (by hash) of the same dataset."""
+    mine, theirs = (config.get("tokenizer") or {}).get("hash"), (other.get("tokenizer") or {}).get("hash")
+    if not mine or mine != theirs:
+        raise CheckpointError(f"{what} {other_path} was trained on tokenizer {theirs} "
+                              f"({(other.get('tokenizer') or {}).get('path')}), but {path} on {mine} "
+                              f"({(config.get('tokenizer') or {}).get('path')}); both must share one tokenizer")
+    data, odata = config.get("data") or {}, other.get("data") or {}
+    keys = ("name", "image_size", "num_classes", "settings")
+    if any(data.get(k) != odata.get(k) for k in keys):
+        raise CheckpointError(f"{what} {other_path} was trained on {odata.get('name')} "
+                              f"({odata.get('num_classes')} classes, {odata.get('image_size')} px), {path} on "
+                              f"{data.get('name')} ({data.get('num_classes')} classes, {data.get('image_size')} px)")
