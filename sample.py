@@ -154,8 +154,8 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
                  "decode_seconds": round(t_dec, 4), "images_per_s": n / t_gen, "images_per_s_with_decode":
                  n / (t_gen + t_dec), "forward_passes_per_image": forwards, "timer": "CUDA events" if
                  device.type == "cuda" else "perf_counter", "warmup": bool(cfg.warmup)}
-        if config["generator"]["name"] == "flowar":
-            speed["flow_head_evaluations_per_image"] = forwards * sampling.num_steps
+        if hasattr(model, "head_evaluations"):  # FlowAR: trunk passes plus its flow head's Euler steps
+            speed["flow_head_evaluations_per_image"] = model.head_evaluations(forwards, sampling)
         result.update(grid=str(grid), rows=classes, samples_per_class=per_class, speed=speed)
         print(f"grid: {grid} (rows = classes {classes}, {per_class} samples each)\n"
               f"{config['generator']['name']} decoding={decoder.name} ({describe_sampling(sampling, config)}) on {device}: "

@@ -261,6 +261,15 @@ class FlowAR(CachedBlocksMixin, nn.Module):
             raise ValueError("FlowAR has no token logits: train_scales and distillation apply to GPT and VAR")
         return self(codes.float(), labels), None
 
+    @staticmethod
+    def describe_sampling(s: SamplingConfig) -> str:
+        """The sampling settings that matter here, in one line."""
+        return f"cfg {s.cfg_scale:g}, {s.num_steps} Euler steps, guidance while t <= {s.guidance_until:g}"
+
+    def head_evaluations(self, forward_passes: int, sampling: SamplingConfig) -> int:
+        """Flow-head evaluations behind ``forward_passes`` trunk passes (one Euler integration per scale)."""
+        return forward_passes * sampling.num_steps
+
     @property
     def num_tokens(self) -> int:
         """Tokens per generated sequence."""

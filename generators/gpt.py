@@ -119,6 +119,12 @@ class GPT(CachedBlocksMixin, nn.Module):
             teacher_logits = teacher(tokens, labels)
         return token_loss(logits, tokens, objective, teacher_logits)
 
+    @staticmethod
+    def describe_sampling(s: SamplingConfig) -> str:
+        """The sampling settings that matter here, in one line."""
+        interval = f" for the first {s.cfg_interval} tokens" if s.cfg_interval >= 0 else ""
+        return f"cfg {s.cfg_scale:g}{interval}, temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}"
+
     @property
     def num_tokens(self) -> int:
         """Tokens per generated sequence."""

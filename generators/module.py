@@ -135,12 +135,8 @@ def sample_images(model, tokenizer, labels: torch.Tensor, sampling: SamplingConf
 
 
 def describe_sampling(s: SamplingConfig, config: dict) -> str:
-    """The sampling settings that matter for a generator, in one line."""
-    name = config["generator"]["name"]
-    cfg = f"cfg ramp {s.cfg_scale:g}" if name == "var" else f"cfg {s.cfg_scale:g}"
-    if name == "flowar":
-        return f"{cfg}, {s.num_steps} Euler steps, guidance while t <= {s.guidance_until:g}"
-    return f"{cfg}, temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}"
+    """The sampling settings that matter for a run's generator, in one line (the generator class says which)."""
+    return generator_class(config["generator"]["name"]).describe_sampling(s)
 
 
 def class_grid_labels(num_classes: int, per_class: int, max_classes: int | None = None) -> torch.Tensor:

@@ -168,6 +168,11 @@ class VAR(CachedBlocksMixin, nn.Module):
             raise ValueError(f"train_scales {list(scales)} outside the {K} scales {self.scales} (0..{K - 1})")
         return torch.isin(self.lvl, torch.tensor(chosen, device=self.lvl.device))
 
+    @staticmethod
+    def describe_sampling(s: SamplingConfig) -> str:
+        """The sampling settings that matter here, in one line."""
+        return f"cfg ramp {s.cfg_scale:g}, temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}"
+
     @property
     def num_tokens(self) -> int:
         """Tokens per generated sequence."""
