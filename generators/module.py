@@ -72,6 +72,9 @@ def build_objective(model, config: dict):
 
     gen = config["generator"]
     scales, distill = gen.get("train_scales"), gen.get("distill") or {}
+    if distill.get("required") and not distill.get("teacher"):
+        raise ValueError("this experiment distils from a teacher: pass generator.distill.teacher=<the large generator "
+                         "run> (same tokenizer and data)")
     if scales is None and not distill.get("teacher"):
         return None
     if scales is not None and not hasattr(model, "scale_positions"):
