@@ -32,7 +32,7 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     use_cache: bool = True  # GPT only: False reruns the full forward every token (reference)
-    cfg_interval: int = -1  # GPT only: guidance for the first N tokens, -1 = all (LlamaGen)
+    cfg_interval: int = -1  # GPT only, LlamaGen's: guidance for tokens 0..N+1 (off after decode step N), -1 = all
     num_steps: int = 25  # FlowAR: Euler steps per scale
     guidance_until: float = 1.0  # FlowAR: guidance only while t <= this
 
@@ -106,7 +106,7 @@ def _generate_gpt(model: GPT, cond: torch.Tensor, cfg: SamplingConfig, generator
             logits = model(prefix, labels)[:, i]  # (B', V)
         # 2. classifier-free guidance on the [cond; uncond] batch (optionally only for the first tokens)
         if guided:
-            use_cfg = cfg.cfg_interval < 0 or i < cfg.cfg_interval
+            use_cfg = cfg.cfg_interval < 0 or i <= cfg.cfg_interval + 1  # LlamaGen: decode step i-1 > N stops it
             logits = cfg_split_combine(logits, cfg.cfg_scale) if use_cfg else logits[:B]
         # 3. temperature / top-k / top-p, one seeded draw
         tokens[:, i] = sample_from_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
