@@ -255,26 +255,32 @@ def test_llamagen_greedy_generation(llamagen, run, cfg_interval):
 
 @torch.no_grad()
 def test_gqa_equals_full_attention_with_repeated_kv_heads():
-    """kv_heads=2 of 4: the same as 4-head attention whose k/v rows repeat each kv head for its 2 query heads,
-    in the full forward and through the KV cache (which stores the 2 kv heads)."""
+    """kv_heads=2 of 4: the same as 4-head attention whose k/v rows repeat each kv head for its 2 query heads."""
     from generators.layers import Attention
 
     torch.manual_seed(0)
     gqa, full = Attention(32, 4, kv_heads=2), Attention(32, 4)
-    hd = 8
-    q, k, v = gqa.qkv.weight.split([32, 16, 16])
-    rep = lambda w: w.view(2, 1, hd, 32).expand(2, 2, hd, 32).reshape(32, 32)  # noqa: E731
+    q, k, v = gqa.qkv.weight.split([32, 16, 16])  # kv head j = rows [8j, 8j + 8)
+    rep = lambda w: w.view(2, 1, 8, 32).expand(2, 2, 8, 32).reshape(32, 32)  # noqa: E731 - heads 0,1 <- 0; 2,3 <- 1
     full.qkv.weight.copy_(torch.cat([q, rep(k), rep(v)]))
     full.proj.load_state_dict(gqa.proj.state_dict())
     x = torch.randn(2, 5, 32)
     close(gqa(x, is_causal=True), full(x, is_causal=True), 1e-6)
-    from generators.layers import KVCache
 
-    gqa.cache = KVCache(2, gqa.kv_heads, 8, hd)
-    out = torch.cat([gqa(x[:, :3], is_causal=True, use_cache=True), gqa(x[:, 3:], use_cache=True,
-                     mask=torch.ones(2, 5, dtype=torch.bool).tril(3))], 1)
-    assert gqa.cache.kv.shape[2] == 2
-    close(out, full(x, is_causal=True), 1e-6)
+
+@torch.no_grad()
+def test_gqa_gpt_cached_decoding_equals_the_full_forward():
+    """A GQA GPT (the cache holds kv_heads heads) samples the same tokens with and without the KV cache."""
+    from generators.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=32, num_classes=3, block_size=9, dim=32, depth=2, heads=4, kv_heads=2).eval()
+    for p in model.parameters():
+        p.normal_(0, 0.3)
+    labels = torch.tensor([0, 2])
+    runs = [generate(model, labels, SamplingConfig(cfg_scale=2.0, temperature=1.0, use_cache=c),
+                     torch.Generator().manual_seed(5))[0] for c in (True, False)]
+    assert torch.equal(*runs)
 
 
 @torch.no_grad()
