@@ -188,8 +188,8 @@ class Attention(nn.Module):
     """Multi-head self-attention over SDPA, with optional 2D RoPE, q/k l2-norm and a KV cache."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = False, qk_l2_norm: bool = False,
-                 attn_dropout: float = 0.0, proj_dropout: float = 0.0, proj_bias: bool = True, kv_heads: int | None = None,
-                 zero_k_bias: bool = False):
+                 attn_dropout: float = 0.0, proj_dropout: float = 0.0, proj_bias: bool = True,
+                 kv_heads: int | None = None, zero_k_bias: bool = False):
         """kv_heads: grouped-query attention (LlamaGen's n_kv_head), k/v projected to kv_heads heads and each shared
         by heads / kv_heads query heads; None = heads. zero_k_bias (with qkv_bias): VAR's bias layout, learned q and
         v biases and a fixed zero k bias (parameters ``q_bias``, ``v_bias``)."""

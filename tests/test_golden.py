@@ -168,7 +168,8 @@ def test_var_greedy_generation_with_cfg_ramp(var):
     tokenizer, generator, _, io, _, _ = var
     labels = io["B.input.ar_label_B"]
     sampling = SamplingConfig(cfg_scale=1.5, top_k=1)  # the golden run: cfg 1.5, top_k 1 (greedy)
-    indices, _ = generate(generator, labels, sampling, torch.Generator().manual_seed(123), tokenizer=tokenizer.quantizer)
+    indices, _ = generate(generator, labels, sampling, torch.Generator().manual_seed(123),
+                          tokenizer=tokenizer.quantizer)
     for k, idx in enumerate(indices):
         assert torch.equal(idx.reshape(2, -1), io[f"B.ar.idx_Bl.{k}"]), f"scale {k}"
     close(tokenizer.quantizer.decode_indices(indices), io["B.ar.fhat"], LATENT)
@@ -261,7 +262,7 @@ def test_gqa_equals_full_attention_with_repeated_kv_heads():
     torch.manual_seed(0)
     gqa, full = Attention(32, 4, kv_heads=2), Attention(32, 4)
     q, k, v = gqa.qkv.weight.split([32, 16, 16])  # kv head j = rows [8j, 8j + 8)
-    rep = lambda w: w.view(2, 1, 8, 32).expand(2, 2, 8, 32).reshape(32, 32)  # noqa: E731 - heads 0,1 <- 0; 2,3 <- 1
+    rep = lambda w: w.view(2, 1, 8, 32).expand(2, 2, 8, 32).reshape(32, 32)
     full.qkv.weight.copy_(torch.cat([q, rep(k), rep(v)]))
     full.proj.load_state_dict(gqa.proj.state_dict())
     x = torch.randn(2, 5, 32)

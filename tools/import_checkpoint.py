@@ -4,7 +4,7 @@
     python -m tools.import_checkpoint llamagen --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --out runs/llamagen-b
 
 <out> becomes a generator run (model.safetensors + config.yaml) and <out>/tokenizer its tokenizer run, linked by
-the tokenizer's hash, so ``python sample.py ckpt=<out>`` samples and ``ckpt=<out>/tokenizer`` reconstructs.
+the tokenizer's hash: ``python sample.py ckpt=<out>`` samples, ``tokenizer_ckpt=<out>/tokenizer`` trains on its tokens.
 Architecture and size are read from the tensors' shapes; the official demo's sampling settings are recorded as
 the generator's defaults. Files load with torch.load(weights_only=True) or safetensors, never unpickling objects.
 """

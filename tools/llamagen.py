@@ -12,8 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from generators.layers import swiglu_hidden
-from tools.official import (OfficialCheckpointError, autoencoder_map, config_node, imagenet_data, indices_under,
-                            read_state_dict, remap, require, write_runs)
+from tools.official import (
+    OfficialCheckpointError,
+    autoencoder_map,
+    config_node,
+    imagenet_data,
+    indices_under,
+    read_state_dict,
+    remap,
+    require,
+    write_runs,
+)
 
 # the official c2i demo (autoregressive/sample/sample_c2i.py); its FID runs use cfg 2.0 (B, L), 1.75 (XL, XXL)
 SAMPLING = {"cfg_scale": 4.0, "temperature": 1.0, "top_k": 2000, "top_p": 1.0, "cfg_interval": -1}
@@ -110,7 +119,8 @@ def gpt_config(state: dict, source, n_head: int | None = None) -> dict:
     hidden = require(state, "layers.0.feed_forward.w1.weight", source).shape[0]
     if swiglu_hidden(dim, 4.0, 256) != hidden:
         raise OfficialCheckpointError(f"{source}: FFN width {hidden} is not find_multiple(int(8 dim / 3), 256) = "
-                                      f"{swiglu_hidden(dim, 4.0, 256)}; ffn_dim_multiplier checkpoints are not supported")
+                                      f"{swiglu_hidden(dim, 4.0, 256)}; ffn_dim_multiplier checkpoints are not "
+                                      "supported")
     return {"_target_": "generators.gpt.GPT", "dim": int(dim), "depth": depth, "heads": int(heads),
             "mlp_ratio": 4.0, "class_dropout": 0.1, "dropout": 0.0, "rope_base": 10000.0, "norm_eps": 1e-5,
             "multiple_of": 256, "kv_heads": None if kv_heads == heads else int(kv_heads), "class_rope": "zero"}
@@ -118,8 +128,8 @@ def gpt_config(state: dict, source, n_head: int | None = None) -> dict:
 
 def gpt_key_map(depth: int) -> dict:
     """{tokar key: (official key,)} of a LlamaGen GPT."""
-    out = {"cls_embed.weight": ("cls_embedding.embedding_table.weight",), "tok_embed.weight": ("tok_embeddings.weight",),
-           "norm.weight": ("norm.weight",), "head.weight": ("output.weight",)}
+    out = {"cls_embed.weight": ("cls_embedding.embedding_table.weight",),
+           "tok_embed.weight": ("tok_embeddings.weight",), "norm.weight": ("norm.weight",), "head.weight": ("output.weight",)}
     for i in range(depth):
         for tok, off in (("attn_norm", "attention_norm"), ("attn.qkv", "attention.wqkv"), ("attn.proj", "attention.wo"),
                          ("ffn_norm", "ffn_norm"), ("ffn.w1", "feed_forward.w1"), ("ffn.w2", "feed_forward.w2"),

@@ -50,7 +50,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"{p} holds pickled Python objects that a safe load (torch.load(weights_only=True)) refuses: "
                 f"{str(e).splitlines()[0][:300]}. tokar never unpickles arbitrary code; re-save the weights as a plain "
                 "state_dict (torch.save(model.state_dict(), path)) or as .safetensors") from e
-        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+        except Exception as e:
             raise OfficialCheckpointError(f"cannot read {p} as a torch checkpoint: {e}") from e
     if isinstance(obj, dict):
         for wrapper in ("model", "module", "state_dict"):
@@ -98,7 +98,8 @@ def remap(official: dict, key_map: dict[str, tuple[str, ...]], model: nn.Module,
     unexpected = [k for k in official if k not in used and not any(re.fullmatch(p, k) for p in ignored)]
     if unexpected:
         raise OfficialCheckpointError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all: "
-                                      f"{unexpected[:5]}); it has no place in the architecture read from the checkpoint")
+                                      f"{unexpected[:5]}); it has no place in the architecture read from the "
+                                      "checkpoint")
     own = model.state_dict()
     unmapped = [k for k in own if k not in key_map and not any(re.fullmatch(p, k) for p in tokar_only)]
     if unmapped:  # a bug in the importer, not in the file
@@ -112,8 +113,9 @@ def remap(official: dict, key_map: dict[str, tuple[str, ...]], model: nn.Module,
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tensor.shape != value.shape:
             names = " + ".join(repr(o) for o in key_map[key])
-            raise OfficialCheckpointError(f"{source}: key {names} has shape {tuple(tensor.shape)}, but the architecture "
-                                          f"read from the checkpoint needs {tuple(value.shape)} (tokar {key!r})")
+            raise OfficialCheckpointError(f"{source}: key {names} has shape {tuple(tensor.shape)}, but the "
+                                          f"architecture read from the checkpoint needs {tuple(value.shape)} "
+                                          f"(tokar {key!r})")
         state[key] = tensor.to(value.dtype)
     model.load_state_dict(state, strict=True)
     return state
@@ -181,7 +183,7 @@ def write_runs(out: str | Path, tokenizer: nn.Module, tokenizer_config: dict, ge
     """Write the tokenizer run to <out>/tokenizer and the generator run to <out> (linked by the tokenizer's hash).
 
     Both are ordinary tokar run folders (model.safetensors + config.yaml, atomic writes), so
-    ``python sample.py ckpt=<out>`` samples from the generator and ``ckpt=<out>/tokenizer`` reconstructs.
+    ``python sample.py ckpt=<out>`` samples from the generator, ``tokenizer_ckpt=<out>/tokenizer`` trains on its tokens.
     """
     from data.token_cache import tokenizer_hash
 

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import torch
 
-from tools.official import (OfficialCheckpointError, autoencoder_map, config_node, imagenet_data, indices_under,
-                            read_state_dict, remap, require, write_runs)
+from tools.official import (
+    OfficialCheckpointError,
+    autoencoder_map,
+    config_node,
+    imagenet_data,
+    indices_under,
+    read_state_dict,
+    remap,
+    require,
+    write_runs,
+)
 
 # VAR's FID settings (README / reference/generators.md); its demo notebook uses cfg 4, top_p 0.95
 SAMPLING = {"cfg_scale": 1.5, "temperature": 1.0, "top_k": 900, "top_p": 0.96}
