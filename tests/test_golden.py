@@ -323,14 +323,23 @@ def test_import_errors_name_the_key():
         import_var("vae", "var", vae_state=vae, var_state=nonzero_k)
 
 
-def test_read_state_dict_refuses_pickled_objects(tmp_path):
+class Pickled:
+    """An arbitrary class: unpickling it would run code from wherever it is defined."""
+
+
+def test_read_state_dict_refuses_pickled_objects(tmp_path, capsys):
+    from tools.import_checkpoint import main
     from tools.official import read_state_dict
 
     gpt, _ = golden("llamagen_gpt")
     path = tmp_path / "c2i.pt"
-    torch.save({"model": gpt, "args": argparse.Namespace(gpt_model="GPT-B")}, path)  # a training checkpoint's args
+    torch.save({"model": gpt, "args": argparse.Namespace(gpt_model="GPT-B", hook=Pickled())}, path)
     with pytest.raises(OfficialCheckpointError, match="pickled Python objects"):
         read_state_dict(path)
+    assert main(["llamagen", "--vq", str(path), "--gpt", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "pickled Python objects" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    torch.save({"model": gpt, "steps": 10, "args": argparse.Namespace(gpt_model="GPT-B")}, path)  # a training ckpt
+    assert read_state_dict(path).keys() == gpt.keys()
     torch.save({"model": {"w": torch.zeros(1), "step": 3}}, path)
     with pytest.raises(OfficialCheckpointError, match="'step' is a int, not a tensor"):
         read_state_dict(path)

@@ -8,6 +8,7 @@ every tokar key must be mapped or be a tokar-only buffer, and every shape must f
 """
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from pathlib import Path
@@ -33,7 +34,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A checkpoint file -> its state_dict, never unpickling arbitrary objects.
 
     ``.safetensors`` or a torch file loaded with ``weights_only=True``: a plain state_dict (VAR) or a dict holding
-    it under "model", "module" or "state_dict" (LlamaGen's {"model": state_dict}).
+    it under "model", "module" or "state_dict" (LlamaGen's {"model": state_dict}). The one class allowed beyond
+    tensors and containers is ``argparse.Namespace`` (the "args" entry of the official training checkpoints), whose
+    attributes go through the same restricted unpickler.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -44,7 +47,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = load_file(str(p))
     else:
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise OfficialCheckpointError(
                 f"{p} holds pickled Python objects that a safe load (torch.load(weights_only=True)) refuses: "
