@@ -285,6 +285,23 @@ def test_gqa_gpt_cached_decoding_equals_the_full_forward():
 
 
 @torch.no_grad()
+def test_llamagen_import_reads_gqa_from_wqkv_rows():
+    """n_kv_head < n_head: wqkv holds (heads + 2 kv_heads) * head_dim rows; the import sets kv_heads from them."""
+    from generators.gpt import GPT
+    from tools.llamagen import gpt_key_map, import_llamagen
+
+    vq, _ = golden("llamagen_vq")
+    torch.manual_seed(0)
+    source = GPT(64, 10, 16, dim=128, depth=2, heads=4, kv_heads=2, multiple_of=256, norm_eps=1e-5,
+                 class_rope="zero").eval()
+    state = {gpt_key_map(2)[k][0]: v for k, v in source.state_dict().items()}
+    _, model, _, config = import_llamagen("vq", "gpt", image_size=16, n_head=4, vq_state=vq, gpt_state=state)
+    assert config["generator"]["model"]["kv_heads"] == 2 and model.blocks[0].attn.kv_heads == 2
+    tokens, labels = torch.randint(0, 64, (2, 16)), torch.tensor([3, 10])
+    assert torch.equal(model(tokens, labels), source(tokens, labels))
+
+
+@torch.no_grad()
 def test_gpt_options_default_unchanged_and_zero_class_rope():
     """tokar's defaults (identity class rope, eps 1e-6, width rounded to 8) stay; class_rope='zero' zeroes the class
     slot's q and k, so the class position returns its own v whatever the class embedding's direction."""
