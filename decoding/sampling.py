@@ -20,7 +20,7 @@ class SamplingConfig:
     temperature: float = 1.0  # <= 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
-    cfg_interval: int = -1  # GPT only: guidance for the first N tokens, -1 = all (LlamaGen)
+    cfg_interval: int = -1  # GPT only, LlamaGen's: guidance for tokens 0..N+1 (off after decode step N), -1 = all
     num_steps: int = 25  # FlowAR: Euler steps per scale
     guidance_until: float = 1.0  # FlowAR: guidance only while t <= this
 

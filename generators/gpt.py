@@ -25,12 +25,13 @@ from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassE
 class Block(nn.Module):
     """Pre-norm Llama block: x + attn(norm(x)), then x + swiglu(norm(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, norm_eps: float = 1e-6,
+                 multiple_of: int = 8, kv_heads: int | None = None):
         super().__init__()
-        self.attn_norm = RMSNorm(dim)
-        self.attn = Attention(dim, heads, proj_dropout=dropout, proj_bias=False)
-        self.ffn_norm = RMSNorm(dim)
-        self.ffn = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), dropout)
+        self.attn_norm = RMSNorm(dim, norm_eps)
+        self.attn = Attention(dim, heads, proj_dropout=dropout, proj_bias=False, kv_heads=kv_heads)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.ffn = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio, multiple_of), dropout)
 
     def forward(self, x, rope, mask=None, is_causal=False, cache=None):
         x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache)
@@ -46,8 +47,14 @@ class GPT(CachedBlocksMixin, nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, block_size: int, dim: int = 768, depth: int = 12,
                  heads: int = 12, mlp_ratio: float = 4.0, class_dropout: float = 0.1, dropout: float = 0.0,
-                 grid_size: tuple[int, int] | None = None, rope_base: float = 10000.0):
+                 grid_size: tuple[int, int] | None = None, rope_base: float = 10000.0, norm_eps: float = 1e-6,
+                 multiple_of: int = 8, kv_heads: int | None = None, class_rope: str = "identity"):
+        """norm_eps, multiple_of (SwiGLU width rounding), kv_heads (GQA) and class_rope ("identity": the class slot
+        is not rotated; "zero": LlamaGen's all-zero cos/sin row, which zeroes the class token's q and k) are the
+        knobs an imported LlamaGen model sets (1e-5, 256, n_kv_head, "zero")."""
         super().__init__()
+        if class_rope not in ("identity", "zero"):
+            raise ValueError(f"class_rope={class_rope!r}; use 'identity' (tokar) or 'zero' (LlamaGen)")
         if grid_size is None:
             side = math.isqrt(block_size)
             if side * side != block_size:
@@ -62,15 +69,19 @@ class GPT(CachedBlocksMixin, nn.Module):
         self.cls_embed = ClassEmbedding(num_classes, dim, class_dropout)  # row num_classes = null class
         self.tok_embed = nn.Embedding(vocab_size, dim)
         self.tok_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
-        self.norm = RMSNorm(dim)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, dropout, norm_eps, multiple_of, kv_heads)
+                                     for _ in range(depth)])
+        self.norm = RMSNorm(dim, norm_eps)
         self.head = nn.Linear(dim, vocab_size, bias=False)
 
-        # RoPE per slot: slot 0 (class) identity, slot p >= 1 the grid position of image token p-1
+        # RoPE per slot: slot 0 (class) identity (or all-zero cos/sin), slot p >= 1 the grid position of image token p-1
         head_dim = dim // heads
         angles = torch.cat([torch.zeros(1, head_dim // 2, dtype=torch.float64),
                             rope_grid_angles(*self.grid_size, head_dim, rope_base)])  # (block_size+1, head_dim/2)
-        self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
+        cos = angles.cos()
+        if class_rope == "zero":
+            cos[0] = 0.0
+        self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
 
         self.initialize_weights()
@@ -122,7 +133,7 @@ class GPT(CachedBlocksMixin, nn.Module):
     @staticmethod
     def describe_sampling(s: SamplingConfig) -> str:
         """The sampling settings that matter here, in one line."""
-        interval = f" for the first {s.cfg_interval} tokens" if s.cfg_interval >= 0 else ""
+        interval = f" for tokens 0..{s.cfg_interval + 1}" if s.cfg_interval >= 0 else ""
         return f"cfg {s.cfg_scale:g}{interval}, temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}"
 
     @property
@@ -165,7 +176,7 @@ class GPT(CachedBlocksMixin, nn.Module):
                 logits = self(prefix, labels)[:, i]  # (B', V)
             # 2. classifier-free guidance on the [cond; uncond] batch (optionally only for the first tokens)
             if guided:
-                use_cfg = sampling.cfg_interval < 0 or i < sampling.cfg_interval
+                use_cfg = sampling.cfg_interval < 0 or i <= sampling.cfg_interval + 1  # LlamaGen's count
                 logits = cfg_split_combine(logits, sampling.cfg_scale) if use_cfg else logits[:B]
             # 3. temperature / top-k / top-p, one seeded draw
             tokens[:, i] = sample_from_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)

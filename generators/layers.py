@@ -260,12 +260,23 @@ class Attention(nn.Module):
     """Multi-head self-attention over SDPA, with optional 2D RoPE, q/k l2-norm and a KV cache."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = False, qk_l2_norm: bool = False,
-                 attn_dropout: float = 0.0, proj_dropout: float = 0.0, proj_bias: bool = True):
+                 attn_dropout: float = 0.0, proj_dropout: float = 0.0, proj_bias: bool = True,
+                 kv_heads: int | None = None, zero_k_bias: bool = False):
+        """kv_heads: grouped-query attention (LlamaGen's n_kv_head), k/v projected to kv_heads heads and each shared
+        by heads / kv_heads query heads; None = heads. zero_k_bias (with qkv_bias): VAR's bias layout, learned q and
+        v biases and a fixed zero k bias (parameters ``q_bias``, ``v_bias``)."""
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.kv_heads = kv_heads or heads
+        if heads % self.kv_heads:
+            raise ValueError(f"heads {heads} is not a multiple of kv_heads {self.kv_heads}")
+        kv_dim = self.kv_heads * self.head_dim
+        self.qkv = nn.Linear(dim, dim + 2 * kv_dim, bias=qkv_bias and not zero_k_bias)  # rows [q | k | v]
+        if qkv_bias and zero_k_bias:
+            self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(kv_dim))
+            self.register_buffer("zero_k_bias", torch.zeros(kv_dim), persistent=False)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.attn_dropout = attn_dropout
         self.proj_drop = nn.Dropout(proj_dropout)
@@ -275,6 +286,24 @@ class Attention(nn.Module):
             self.log_scale = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
             self.max_log_scale = math.log(100.0)
         self.cache: KVCache | None = None
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, D) -> q (B, heads, N, Dh), k and v (B, kv_heads, N, Dh)."""
+        b, n, _ = x.shape
+        bias = self.qkv.bias
+        if hasattr(self, "q_bias"):
+            bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, D + 2 kv_dim)
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
+        k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, Dh)
+        v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, kv_heads, T, Dh) -> (B, heads, T, Dh): query head h reads kv head h // (heads / kv_heads)."""
+        return t if self.kv_heads == self.heads else t.repeat_interleave(self.heads // self.kv_heads, dim=1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
@@ -286,7 +315,7 @@ class Attention(nn.Module):
         rope: cos/sin (N, head_dim/2), or (B, N, head_dim/2) for per-row positions.
         """
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
+        q, k, v = self.project_qkv(x)  # (B, H, N, Dh), k and v (B, Hkv, N, Dh)
         scale = None
         if self.qk_l2_norm:
             q = F.normalize(q, dim=-1) * self.log_scale.clamp(max=self.max_log_scale).exp().to(q.dtype)
@@ -300,6 +329,7 @@ class Attention(nn.Module):
             self.cache.write(k.to(self.cache.kv.dtype), v.to(self.cache.kv.dtype), cache.slots)
             k, v = self.cache.view(b, cache.kv_len)  # (B, H, T, Dh)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = self.repeat_kv(k), self.repeat_kv(v)  # (B, H, T, Dh); a cache stores kv_heads heads
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
             dropout_p=self.attn_dropout if self.training else 0.0, scale=scale)  # (B, H, N, Dh)
@@ -338,7 +368,7 @@ class CachedBlocksMixin:
         max_len = max_len or self.max_cache_len
         for blk in self.blocks:
             attn = blk.attn
-            attn.cache = KVCache(batch_size, attn.heads, max_len, attn.head_dim, dtype, device)
+            attn.cache = KVCache(batch_size, attn.kv_heads, max_len, attn.head_dim, dtype, device)
         self._slot_ids = torch.arange(max_len, device=device)  # (max_len,) for position masks
         self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._uniform_length: int | None = 0

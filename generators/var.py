@@ -28,11 +28,11 @@ class AdaLNSelfAttnBlock(nn.Module):
     """VAR block: LayerNorm (no affine) modulated by the class, gated attention and FFN."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, attn_l2_norm: bool = True,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6):
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, zero_k_bias: bool = False):
         super().__init__()
         self.dim = dim
         self.ln = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
-        self.attn = Attention(dim, heads, qkv_bias=True, qk_l2_norm=attn_l2_norm)
+        self.attn = Attention(dim, heads, qkv_bias=True, qk_l2_norm=attn_l2_norm, zero_k_bias=zero_k_bias)
         self.ffn = Mlp(dim, round(dim * mlp_ratio))
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.drop_path = DropPath(drop_path)
@@ -69,7 +69,8 @@ class VAR(CachedBlocksMixin, nn.Module):
                  width: int | None = None, heads: int | None = None, mlp_ratio: float = 4.0,
                  class_dropout: float = 0.1, attn_l2_norm: bool = True, drop_path: float = 0.0,
                  init_adaln: float = 0.5, init_adaln_gamma: float = 1e-3, init_head: float = 0.02,
-                 init_std: float | None = None):
+                 init_std: float | None = None, zero_k_bias: bool = False):
+        """zero_k_bias: the official VAR attention bias (learned q and v biases, no k bias), set by the importer."""
         super().__init__()
         self.vocab_size, self.num_classes, self.code_dim = vocab_size, num_classes, code_dim
         self.scales = tuple(int(s) for s in scales)
@@ -87,7 +88,8 @@ class VAR(CachedBlocksMixin, nn.Module):
         self.word_embed = nn.Linear(code_dim, C)
         dpr = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList([
-            AdaLNSelfAttnBlock(C, self.heads, mlp_ratio, attn_l2_norm, dpr[i]) for i in range(depth)])
+            AdaLNSelfAttnBlock(C, self.heads, mlp_ratio, attn_l2_norm, dpr[i], zero_k_bias=zero_k_bias)
+            for i in range(depth)])
         self.head_nm = AdaLNBeforeHead(C)
         self.head = nn.Linear(C, vocab_size)
 

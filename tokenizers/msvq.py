@@ -17,14 +17,18 @@ from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, f
 
 
 def phi_ticks(n: int) -> list[float]:
-    """VAR's tick positions of n shared phi convs on [0, 1]: linspace(1/(3n), 1-1/(3n)) if n == 4 else 1/(2n).
+    """VAR's tick positions of n shared phi convs on [0, 1]: np.linspace(m, 1 - m, n), m = 1/(3n) if n == 4 else 1/(2n).
 
-    n = 4 gives linspace(1/12, 11/12, 4), the value VAR uses with its default ``share_quant_resi=4``.
+    n = 4 gives linspace(1/12, 11/12, 4), the value VAR uses with its default ``share_quant_resi=4``. Computed in
+    float64 exactly as numpy does (i * step + start, the last tick = stop), because the nearest-tick choice has
+    float near-ties (10 scales: scales 2 and 7 sit halfway between two ticks; VAR picks 1 and 3).
     """
-    margin = 1 / (3 * n) if n == 4 else 1 / (2 * n)
     if n == 1:
         return [0.5]
-    return [margin + i * (1 - 2 * margin) / (n - 1) for i in range(n)]
+    start = 1 / 3 / n if n == 4 else 1 / 2 / n
+    stop = 1 - start
+    step = (stop - start) / (n - 1)
+    return [i * step + start for i in range(n - 1)] + [stop]
 
 
 class Phi(nn.Module):
