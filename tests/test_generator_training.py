@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -399,9 +400,19 @@ def test_real_fid_through_sample_py(tok_runs, tmp_path):
     train(compose_config("train", gen_overrides("gpt", tok_runs["fsq"], tmp_path / "data") + ["trainer.max_steps=2"],
                          tmp_path / "gen"))
     scfg = compose_config("sample", [f"ckpt={tmp_path / 'gen'}", "fid.num_samples=8", "fid.reference_images=32",
-                                     "samples_per_class=1"], tmp_path / "sample")
+                                     "fid.save_samples=true", "samples_per_class=1"], tmp_path / "sample")
     result = run(scfg, tmp_path / "sample")
-    assert result["fid"]["fid"] > 0 and "FID-8 vs synthetic:test (32)" in result["fid"]["protocol"]
+    assert "FID-8 vs synthetic:test (32)" in result["fid"]["protocol"]
+    # the reported FID is the Frechet distance between the 8 saved samples and the first 32 test images
+    from evaluation.fid import compute_statistics, frechet_distance, reference_statistics
+
+    data = yaml.safe_load((tmp_path / "gen" / "config.yaml").read_text())["data"]
+    real = reference_statistics("synthetic", "test", SIZE, 32, settings=data.get("settings"))
+    pngs = sorted((tmp_path / "sample" / "samples").glob("*.png"))
+    assert len(pngs) == 8
+    fake = compute_statistics(torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                                           for p in pngs]))  # uint8 (8, 3, H, W)
+    assert result["fid"]["fid"] == pytest.approx(frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma), rel=1e-6)
 
 
 
