@@ -13,6 +13,7 @@
 Only public entry points are used: constructors, parameters, the teacher-forced ``forward`` (``trunk`` for
 FlowAR), ``decoding.ar.generate``, ``VAR.generate``, ``FlowAR.sample`` and ``Attention`` without a cache.
 """
+import itertools
 import math
 
 import pytest
@@ -24,8 +25,28 @@ from generators.flowar import FlowHead
 from generators.gpt import GPT
 from generators.layers import Attention, rope_angles, rope_grid_angles
 from generators.var import VAR
-from tests.test_generators import (NC, SCALES, V, _seed_and_one_thread, jitter, msvq, tiny_flowar,  # noqa: F401
-                                   tiny_gpt, tiny_var, var_batch)
+from tests.test_generators import (
+    NC,
+    SCALES,
+    V,
+    _seed_and_one_thread,  # noqa: F401 (autouse: seed, one thread)
+    jitter,
+    tiny_flowar,
+    tiny_gpt,
+    tiny_var,
+    var_batch,
+)
+from tokenizers.msvq import MultiScaleVQ
+
+
+@pytest.fixture
+def vq():
+    """The tiny multi-scale VQ of test_generators.py (codes spread so index maps give distinct inputs)."""
+    torch.manual_seed(1)
+    q = MultiScaleVQ(dim=8, codebook_size=V, scales=SCALES)
+    with torch.no_grad():
+        q.embedding.weight.normal_()
+    return q.eval()
 
 
 def assert_greedy_follows(tokens: torch.Tensor, logits: torch.Tensor, margin: float = 1e-3) -> None:
@@ -66,9 +87,9 @@ def test_gpt_greedy_guidance_follows_the_formula(use_cache, cfg_interval):
     assert (guided.argmax(-1) != c.argmax(-1)).float().mean() > 0.2
 
 
-def var_guided_reference(model, msvq, indices, cond, cfg):
+def var_guided_reference(model, vq, indices, cond, cfg):
     """VAR's ramp recomputed from two teacher-forced passes over the sampled maps -> guided logits (B, L, V)."""
-    inputs = msvq.teacher_inputs(indices)  # (B, L - 1, Cv)
+    inputs = vq.teacher_inputs(indices)  # (B, L - 1, Cv)
     with torch.no_grad():
         c, u = model(indices, cond, inputs), model(indices, null_like(cond), inputs)
     K = len(SCALES)
@@ -76,23 +97,24 @@ def var_guided_reference(model, msvq, indices, cond, cfg):
     return (1 + t) * c - t * u, c
 
 
-def test_var_greedy_guidance_ramp_follows_the_formula(msvq):
+def test_var_greedy_guidance_ramp_follows_the_formula(vq):
     model = jitter(tiny_var(), std=0.3)
     cond, cfg = torch.tensor([1, 4, 9, 2, 0, 5]), 2.0
-    indices, _ = generate(model, cond, SamplingConfig(cfg_scale=cfg, temperature=0.0), tokenizer=msvq)
-    guided, c = var_guided_reference(model, msvq, indices, cond, cfg)
+    indices, _ = generate(model, cond, SamplingConfig(cfg_scale=cfg, temperature=0.0), tokenizer=vq)
+    guided, c = var_guided_reference(model, vq, indices, cond, cfg)
     assert_greedy_follows(flat(indices), guided)
     assert (guided.argmax(-1) != c.argmax(-1))[:, 1:].float().mean() > 0.2  # guidance matters on scales >= 1
     # VAR.generate directly (the entry point CoDe and the FID runs use) picks the same tokens
-    direct = model.generate(msvq, cond, cfg=cfg, temperature=0.0)
+    direct = model.generate(vq, cond, cfg=cfg, temperature=0.0)
     assert all(torch.equal(a, b) for a, b in zip(direct, indices))
 
 
+@torch.no_grad()
 def euler_guided(head, noise, zc, zu, w, until, num_steps):
     """Euler from t=1 to 0 on the uniform grid, v = v_u + w (v_c - v_u) while t <= until, else v_c."""
     x, B = noise, noise.shape[0]
     ts = [1 - i / num_steps for i in range(num_steps + 1)]
-    for t, t_next in zip(ts[:-1], ts[1:]):
+    for t, t_next in itertools.pairwise(ts):
         tt = torch.full((B,), t)
         v = head(x, tt, zc)  # conditional velocity
         if t <= until:
@@ -141,7 +163,8 @@ def test_flowar_sampler_is_the_guided_euler_loop_per_scale(until):
         sl = slice(begin, begin + s * s)
         want = euler_guided(model.head, noise, zc[:, sl], zu[:, sl], w, until, steps)
         got = outs[k].flatten(2).transpose(1, 2)  # (B, s^2, C)
-        assert torch.allclose(got, want, atol=1e-4), (k, (got - want).abs().max())
+        # cached vs full trunk differ by float rounding, which guidance (w up to 3) amplifies
+        assert torch.allclose(got, want, atol=5e-4, rtol=1e-4), (k, (got - want).abs().max())
         if k == K - 1:  # power: the other guidance window gives a different last scale
             other = euler_guided(model.head, noise, zc[:, sl], zu[:, sl], w, 1.6 - until, steps)
             far = (other - want).abs().max()
@@ -165,12 +188,12 @@ def test_gpt_sampling_in_train_mode_uses_eval_behaviour(use_cache):
     assert_greedy_follows(tokens, u + 2.0 * (c - u))  # no label dropout, no dropout
 
 
-def test_var_and_flowar_sampling_in_train_mode_use_eval_behaviour(msvq):
+def test_var_and_flowar_sampling_in_train_mode_use_eval_behaviour(vq):
     var = jitter(tiny_var(class_dropout=1.0, drop_path=0.5), std=0.3).train()
     cond = torch.tensor([1, 4, 9, 2])
-    indices, _ = generate(var, cond, SamplingConfig(cfg_scale=2.0, temperature=0.0), tokenizer=msvq)
+    indices, _ = generate(var, cond, SamplingConfig(cfg_scale=2.0, temperature=0.0), tokenizer=vq)
     assert var.training
-    guided, _ = var_guided_reference(var.eval(), msvq, indices, cond, 2.0)
+    guided, _ = var_guided_reference(var.eval(), vq, indices, cond, 2.0)
     assert_greedy_follows(flat(indices), guided)
 
     flowar = jitter(tiny_flowar(class_dropout=1.0, dropout=0.5), std=0.2)
@@ -317,10 +340,10 @@ def test_cosine_attention_with_learned_temperature_by_hand():
         assert (by_hand(x, [0.5, 100.0]) - by_hand(x, [0.5, 1000.0])).abs().max() > 1e-3  # power
 
 
-def test_var_attention_temperature_is_learned(msvq):
+def test_var_attention_temperature_is_learned(vq):
     model = jitter(tiny_var(), std=0.3)
     scales = [blk.attn.log_scale for blk in model.blocks]
-    idx, inputs, cond = var_batch(msvq)
+    idx, inputs, cond = var_batch(vq)
     base = model(idx, cond, inputs)
     with torch.no_grad():
         for p in scales:
