@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 
 from tests.conftest import CONFIGS, compose_config
 
@@ -25,14 +27,18 @@ def test_every_config_composes(group, option, tmp_path):
     assert cfg.trainer._target_ == "lightning.Trainer"
     if group == "tokenizer":
         assert cfg.tokenizer.quantizer._target_.startswith("tokenizers.")
-        assert cfg.tokenizer.autoencoder.ch > 0  # the shared _autoencoder defaults were merged in
+        # the shared _autoencoder block, overlaid with the tokenizer file's own autoencoder keys
+        shared = yaml.safe_load((Path(CONFIGS) / "tokenizer" / "_autoencoder.yaml").read_text())["autoencoder"]
+        own = yaml.safe_load((Path(CONFIGS) / "tokenizer" / f"{option}.yaml").read_text()).get("autoencoder") or {}
+        assert OmegaConf.to_container(cfg.tokenizer.autoencoder, resolve=True) == {**shared, **own}
     if group == "generator":
         assert cfg.generator.name == option and cfg.generator.model._target_.startswith("generators.")
 
 
 def test_sample_config_composes(tmp_path):
     cfg = compose_config("sample", ["ckpt=some/run"], tmp_path)
-    assert cfg.ckpt == "some/run" and cfg.num_images > 0
+    assert cfg.ckpt == "some/run"
+    assert cfg.num_images == yaml.safe_load((Path(CONFIGS) / "sample.yaml").read_text())["num_images"]
     assert cfg.decoding.name == "ar" and cfg.fid.num_samples == 0
 
 

@@ -229,7 +229,7 @@ def test_protocol_label():
     assert "antialiased resize" in protocol_label(50, "x", tf1_resize=False)
 
 
-def test_cli_on_two_folders(cache, image_sets, tmp_path):
+def test_cli_on_two_folders(cache, net, image_sets, tmp_path):
     base, noisy = image_sets
     _save_pngs(base[:6], tmp_path / "real")
     _save_pngs(noisy[1][:6], tmp_path / "fake" / "nested")  # searched recursively
@@ -237,7 +237,10 @@ def test_cli_on_two_folders(cache, image_sets, tmp_path):
     run = subprocess.run([sys.executable, "-m", "evaluation.fid", str(tmp_path / "real"), str(tmp_path / "fake")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("FID ") and float(run.stdout.split()[1]) > 0
+    assert run.stdout.startswith("FID ")
+    want = frechet_distance(*compute_statistics([to_uint8(base[:6])], 6, net)[:2],  # the PNGs' uint8 pixels
+                            *compute_statistics([to_uint8(noisy[1][:6])], 6, net)[:2])
+    assert float(run.stdout.split()[1]) == pytest.approx(want, abs=1e-4)  # printed with 4 decimals
     assert f"FID-6 vs {tmp_path / 'real'} (6), standard Inception (TF 2015-12-05)" in run.stdout
     assert "32x32" in run.stdout
 
@@ -246,11 +249,14 @@ def test_cli_on_two_folders(cache, image_sets, tmp_path):
     assert missing.returncode == 2 and str(tmp_path / "nope") in missing.stderr and "does not exist" in missing.stderr
 
 
-def test_cli_json_with_a_dataset_split_and_bad_inputs(cache, image_sets, tmp_path, capsys):
+def test_cli_json_with_a_dataset_split_and_bad_inputs(cache, net, image_sets, tmp_path, capsys):
     _save_pngs(image_sets[0][:4], tmp_path / "fake")
     assert main(["synthetic:test", str(tmp_path / "fake"), "--num-images", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["num_real"] == result["num_fake"] == 4 and result["fid"] > 0
+    assert result["num_real"] == result["num_fake"] == 4
+    real = reference_statistics("synthetic", "test", num_images=4, net=net)
+    fake = compute_statistics([to_uint8(image_sets[0][:4])], 4, net)
+    assert result["fid"] == pytest.approx(frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma), rel=1e-6)
     assert result["protocol"].startswith("FID-4 vs synthetic:test (4), standard Inception")
 
     (tmp_path / "empty").mkdir()

