@@ -76,12 +76,12 @@ def null_like(cond: torch.Tensor) -> torch.Tensor:
 def test_gpt_greedy_guidance_follows_the_formula(use_cache, cfg_interval):
     model = jitter(tiny_gpt(), std=0.3)
     cond, s = torch.tensor([0, 3, 7, 9]), 3.0
-    tokens, _ = generate(model, cond, SamplingConfig(cfg_scale=s, temperature=0.0, use_cache=use_cache,
-                                                     cfg_interval=cfg_interval))
+    tokens, _ = generate(model, cond, SamplingConfig(cfg_scale=s, temperature=0.0, cfg_interval=cfg_interval),
+                         use_cache=use_cache)
     with torch.no_grad():
         c, u = model(tokens, cond), model(tokens, null_like(cond))  # (B, 16, V) plain teacher-forced passes
     guided = u + s * (c - u)
-    n = 16 if cfg_interval < 0 else cfg_interval  # LlamaGen: guidance for the first cfg_interval tokens only
+    n = 16 if cfg_interval < 0 else cfg_interval + 2  # LlamaGen: guidance for tokens 0..cfg_interval+1
     assert_greedy_follows(tokens, torch.cat([guided[:, :n], c[:, n:]], dim=1))
     # the check has power: on this model guidance changes the argmax at many positions
     assert (guided.argmax(-1) != c.argmax(-1)).float().mean() > 0.2
@@ -180,7 +180,7 @@ def test_flowar_sampler_is_the_guided_euler_loop_per_scale(until):
 def test_gpt_sampling_in_train_mode_uses_eval_behaviour(use_cache):
     model = jitter(tiny_gpt(class_dropout=1.0, dropout=0.5), std=0.3).train()
     cond = torch.tensor([2, 5, 8])
-    tokens, _ = generate(model, cond, SamplingConfig(cfg_scale=2.0, temperature=0.0, use_cache=use_cache))
+    tokens, _ = generate(model, cond, SamplingConfig(cfg_scale=2.0, temperature=0.0), use_cache=use_cache)
     assert model.training  # the caller's mode is restored
     model.eval()
     with torch.no_grad():
