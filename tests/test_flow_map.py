@@ -211,5 +211,6 @@ def test_cuda_matches_cpu():
     eps = torch.randn(20_000, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     cpu = flow_map(eps, P_PEAKED, codes)
     gpu = flow_map(eps.cuda(), P_PEAKED.cuda(), codes.cuda())
-    assert (gpu.tokens.cpu() == cpu.tokens).double().mean() > 0.9999
-    assert torch.allclose(gpu.x.cpu(), cpu.x, atol=1e-6)
+    same = gpu.tokens.cpu() == cpu.tokens
+    assert same.double().mean() > 0.9999  # a point on a decision boundary may flip under different rounding
+    assert torch.allclose(gpu.x.cpu()[same], cpu.x[same], atol=1e-6)
