@@ -94,6 +94,113 @@ def test_quantization_is_fp32_under_bf16_autocast(name):
 
 
 # ------------------------------------------------------------------------------------------------
+# Code vectors: codebook_vectors() in the lookup space, decode_indices(i) == decode_vectors(vectors[i])
+# ------------------------------------------------------------------------------------------------
+
+SINGLE_SCALE = sorted(n for n in FACTORIES if n not in ("kl", "msvq"))
+
+
+@pytest.mark.parametrize("name", SINGLE_SCALE)
+def test_codebook_vectors_decode_like_indices(name):
+    q = FACTORIES[name]()
+    q.train()
+    q(torch.randn(2, q.in_channels, 4, 4))  # k-means / EMA state moves first
+    q.eval()
+    vectors = q.codebook_vectors()
+    assert vectors.shape[0] == q.codebook_size and vectors.dim() == 2
+    assert vectors.dtype == torch.float32 and not vectors.requires_grad
+    assert torch.unique(vectors, dim=0).shape[0] == q.codebook_size  # K distinct codes
+    idx = torch.randint(0, q.codebook_size, (2, 3, 5))
+    decoded = q.decode_indices(idx)  # (2, C_out, 3, 5)
+    torch.testing.assert_close(decoded, q.decode_vectors(vectors[idx]), atol=1e-6, rtol=1e-6)
+    # and what forward outputs for a code is its row: quantize random inputs, decode their rows
+    out = q(torch.randn(2, q.in_channels, 4, 4))
+    torch.testing.assert_close(q.decode_vectors(vectors[out.indices]), out.quantized, atol=1e-5, rtol=1e-5)
+
+
+def _lookup_space(q, z):
+    """What VQ / SimVQ compare against the codebook: project_in, then l2-normalize when asked (by hand)."""
+    x = getattr(q, "project_in", torch.nn.Identity())(z).permute(0, 2, 3, 1).reshape(-1, q.codebook_vectors().shape[1])
+    return F.normalize(x, dim=-1) if getattr(q, "l2_norm", False) else x
+
+
+@pytest.mark.parametrize("name", ["vq", "vq_l2_lowdim", "vq_ema", "simvq"])
+def test_codebook_vectors_are_what_the_argmin_compares_against(name):
+    q = FACTORIES[name]().eval()
+    with torch.no_grad():
+        for t in (getattr(q, "embed", None), getattr(q, "frozen_codebook", None)):
+            if t is not None:
+                t.normal_()  # spread the codes so the argmin is decided by more than rounding
+    z = torch.randn(4, q.in_channels, 5, 5)
+    x = _lookup_space(q, z).detach()
+    brute = torch.cdist(x.double(), q.codebook_vectors().double()).argmin(1)
+    assert torch.equal(q(z).indices.reshape(-1), brute)
+
+
+def test_codebook_vectors_of_learned_codebooks_by_hand():
+    vq = VQ(8, 32)
+    torch.testing.assert_close(vq.codebook_vectors(), vq.embed.detach())
+    cos = VQ(8, 32, l2_norm=True, codebook_dim=4)
+    with torch.no_grad():
+        cos.embed.normal_()
+    e = cos.embed.detach()
+    assert cos.codebook_vectors().shape == (32, 4)  # the low-dimensional space, not the 8 input channels
+    torch.testing.assert_close(cos.codebook_vectors(), e / e.norm(dim=1, keepdim=True))
+    sim = SimVQ(8, 32)
+    by_hand = sim.frozen_codebook @ sim.proj.weight.detach().t() + sim.proj.bias.detach()  # W(C), not C
+    torch.testing.assert_close(sim.codebook_vectors(), by_hand)
+    for l2 in (False, True):
+        ms = MultiScaleVQ(4, 16, scales=(1, 2, 4), l2_norm=l2)
+        w = ms.embedding.weight.detach()
+        torch.testing.assert_close(ms.codebook_vectors(), w / w.norm(dim=1, keepdim=True) if l2 else w)
+        r = torch.randn(2, 4, 4, 4)
+        x = r.permute(0, 2, 3, 1).reshape(-1, 4)
+        x = x / x.norm(dim=1, keepdim=True) if l2 else x
+        assert torch.equal(ms.lookup(r).reshape(-1), torch.cdist(x.double(), ms.codebook_vectors().double()).argmin(1))
+    plain = MultiScaleVQ(4, 16, scales=(1, 2, 4))
+    idx = torch.randint(0, 16, (2, 4, 4))
+    torch.testing.assert_close(plain.embed(idx), plain.codebook_vectors()[idx].permute(0, 3, 1, 2))
+
+
+def test_fsq_grid_enumerated_by_hand():
+    levels = [3, 4, 5]
+    q = FSQ(levels)
+    rows = []
+    for k in range(3 * 4 * 5):  # channel 0 is the least significant digit
+        digits = [k % 3, (k // 3) % 4, k // 12]
+        rows.append([(dg - lv // 2) / (lv // 2) for dg, lv in zip(digits, levels)])
+    torch.testing.assert_close(q.codebook_vectors(), torch.tensor(rows), atol=0, rtol=0)
+    # forward lands on the grid row of its index
+    z = torch.randn(2, 3, 6, 6) * 2
+    out = q(z)
+    torch.testing.assert_close(out.quantized.permute(0, 2, 3, 1), torch.tensor(rows)[out.indices], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cls,low,high", [(LFQ, -1.0, 1.0), (BSQ, -0.5, 0.5), (BernoulliBinary, 0.0, 1.0)])
+def test_binary_grids_by_hand_little_endian(cls, low, high):
+    q = cls(4)
+    rows = [[high if c == "1" else low for c in reversed(format(k, "04b"))] for k in range(16)]  # bit i -> channel i
+    torch.testing.assert_close(q.codebook_vectors(), torch.tensor(rows), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: FSQ([8, 8, 8, 5, 5, 5]), lambda: LFQ(16), lambda: BSQ(16),
+                                  lambda: BernoulliBinary(16), lambda: VQ(8, 65536, codebook_dim=6)])
+def test_codebook_vectors_at_65536_codes(make):
+    q = make()
+    vectors = q.codebook_vectors()
+    assert vectors.shape == (q.codebook_size, vectors.shape[1]) and q.codebook_size in (64000, 65536)
+    idx = torch.tensor([[[0, 1, q.codebook_size - 1]]])
+    torch.testing.assert_close(q.decode_indices(idx), q.decode_vectors(vectors[idx]))
+
+
+def test_codebook_vectors_refused_where_there_is_none():
+    with pytest.raises(ValueError, match="continuous"):
+        KLGaussian(4).codebook_vectors()
+    with pytest.raises(ValueError, match="limit"):
+        BSQ(30).codebook_vectors()
+
+
+# ------------------------------------------------------------------------------------------------
 # VQ
 # ------------------------------------------------------------------------------------------------
 

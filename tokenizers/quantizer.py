@@ -47,6 +47,20 @@ class Quantizer(nn.Module):
         """The index grid for a latent of size (h, w): (h, w), or a list per scale."""
         return tuple(latent_hw)
 
+    def codebook_vectors(self) -> torch.Tensor:  # pragma: no cover - interface
+        """All K code vectors, (K, d) fp32, row k = code k, in the space the nearest-code lookup runs in.
+
+        That is the space where L2 distance decides which code an encoder vector gets (after any input
+        projection and normalization), implicit grids enumerated (FSQ, LFQ, BSQ, Bernoulli). For single-scale
+        quantizers ``decode_indices(i) == decode_vectors(codebook_vectors()[i])``. Continuous quantizers have
+        no codebook and raise.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement codebook_vectors()")
+
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """Code vectors (B, H, W, d) in the lookup space -> quantized map (B, C_out, H, W) (single-scale only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement decode_vectors()")
+
 
 def zero_loss(ref: torch.Tensor) -> torch.Tensor:
     """A scalar zero on ref's device that still takes part in autograd graphs."""
@@ -76,3 +90,16 @@ def batch_code_stats(indices: torch.Tensor, codebook_size: int) -> dict:
     probs = counts / counts.sum().clamp_min(1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-10))).sum()
     return {"active": (counts > 0).sum().float() / codebook_size, "perplexity": entropy.exp()}
+
+
+MAX_ENUMERATED_CODES = 1 << 22  # an implicit grid enumerated by codebook_vectors(): 4M rows at most
+
+
+def check_enumerable(quantizer: Quantizer) -> None:
+    """Raise a clear error when an implicit grid is too large to enumerate as a (K, d) tensor."""
+    k = quantizer.codebook_size
+    if k > MAX_ENUMERATED_CODES:
+        raise ValueError(f"{type(quantizer).__name__} has {k} codes (2^{k.bit_length() - 1}); codebook_vectors() would "
+                         f"enumerate all of them as a (K, d) tensor, and the limit is {MAX_ENUMERATED_CODES} "
+                         f"(2^{MAX_ENUMERATED_CODES.bit_length() - 1}). Use a smaller code (fewer bits or levels)")
+
