@@ -81,6 +81,19 @@ def test_contract_decode_roundtrip_dtype_and_loss(name):
         assert all(((i >= 0) & (i < q.codebook_size)).all() for i in idx)
 
 
+@pytest.mark.parametrize("name", ["vq", "vq_ema", "simvq", "lfq", "msvq"])
+def test_straight_through_passes_the_output_gradient_unchanged(name):
+    """quantized = z + sg(q - z): its value is q, and d(quantized . g)/dz = g exactly, with no gradient to codes."""
+    q = FACTORIES[name]().train()
+    z = torch.randn(2, q.in_channels, 4, 4, requires_grad=True)
+    g = torch.randn(2, q.out_channels, 4, 4)
+    out = q(z)
+    (out.quantized * g).sum().backward()
+    torch.testing.assert_close(z.grad, g, atol=0, rtol=0)
+    assert all(p.grad is None or not p.grad.any() for p in q.parameters())
+    torch.testing.assert_close(out.quantized, q.eval().decode_indices(out.indices), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_quantization_is_fp32_under_bf16_autocast(name):
     q = FACTORIES[name]()
@@ -289,9 +302,12 @@ def test_vq_dead_code_restarted_from_batch(ema):
     assert (q.cluster_size[:3] >= 1.0).all()  # used codes keep their statistics
     if ema:
         torch.testing.assert_close(q.embed_avg[3], q.embed[3] * threshold)
-    else:  # restarting the learnable codebook in place must not break the backward pass
+    else:  # restarting the learnable codebook in place must not change the backward pass
         (out.quantized.sum() + out.loss).backward()
-        assert q.embed.grad is not None and torch.isfinite(q.embed.grad).all()
+        used = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the codes before the restart
+        idx = out.indices.reshape(-1)
+        expected = torch.zeros(4, 2).index_add_(0, idx, 2 * (used[idx] - x) / x.numel())  # codebook term only
+        torch.testing.assert_close(q.embed.grad, expected)
 
 
 def _clustered_data(n_clusters=16, dim=8, per_cluster=32, seed=1):
@@ -348,8 +364,19 @@ def test_simvq_frozen_codebook_and_decode_uses_projection():
     z = torch.randn(4, 8, 4, 4)
     q.train()
     before = q.frozen_codebook.clone()
-    q(z).loss.backward()
-    assert q.proj.weight.grad.abs().sum() > 0
+    z.requires_grad_(True)
+    out = q(z)
+    out.loss.backward()
+    # by hand: codes = W C[idx] + b; loss = beta mse(z, sg codes) + mse(codes, sg z) over n = N * d entries
+    c = q.frozen_codebook[out.indices.reshape(-1)]  # (N, d)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    codes = c @ q.proj.weight.detach().t() + q.proj.bias.detach()
+    n = flat.numel()
+    torch.testing.assert_close(q.proj.weight.grad, (2 * (codes - flat) / n).t() @ c)
+    torch.testing.assert_close(q.proj.bias.grad, (2 * (codes - flat) / n).sum(0))
+    torch.testing.assert_close(z.grad.permute(0, 2, 3, 1).reshape(-1, 8), 0.25 * 2 * (flat - codes) / n)
+    torch.testing.assert_close(out.loss, 1.25 * ((codes - flat) ** 2).mean())
+    z = z.detach()
     opt.step()
     assert torch.equal(before, q.frozen_codebook)  # C never changes
     q.eval()
@@ -429,6 +456,30 @@ def test_lfq_entropy_penalty_extremes():
     torch.testing.assert_close(spread, torch.tensor(-math.log(16)), atol=1e-4, rtol=0)
     torch.testing.assert_close(collapsed, torch.tensor(0.0), atol=1e-4, rtol=0)
     assert q.eval()(codes).loss == 0  # entropy only in training, commitment weight 0
+
+
+def test_lfq_loss_and_gradient_by_hand():
+    """commitment_weight x mean (z - sign z)^2 (gradient to z only) + entropy_weight x (H_sample - H_codebook),
+    the entropies from the 8 codes enumerated with itertools."""
+    import itertools
+
+    beta, w_ent, tau = 0.25, 0.1, 1.0
+    q = LFQ(3, entropy_weight=w_ent, commitment_weight=beta, inv_temperature=tau)
+    z = torch.tensor([[0.5, -0.2, 0.3, -1.5], [0.1, 0.4, -0.7, 2.0], [-0.6, 0.25, 0.9, -0.05]]).view(1, 3, 2, 2)
+    z.requires_grad_(True)
+    sign = torch.where(z.detach() > 0, 1.0, -1.0)
+    commitment = beta * ((z.detach() - sign) ** 2).mean()
+    out = q.eval()(z)
+    torch.testing.assert_close(out.loss, commitment)
+    out.loss.backward()
+    torch.testing.assert_close(z.grad, beta * 2 * (z.detach() - sign) / z.numel())
+    rows = z.detach().permute(0, 2, 3, 1).reshape(4, 3)
+    codes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)))  # any order: entropies do not care
+    probs = (2 * tau * rows @ codes.t()).softmax(-1)  # (4, 8)
+    h_sample = -(probs * probs.log()).sum(-1).mean()
+    avg = probs.mean(0)
+    h_codebook = -(avg * avg.log()).sum()
+    torch.testing.assert_close(q.train()(z.detach()).loss, commitment + w_ent * (h_sample - h_codebook))
 
 
 def test_lfq_refuses_large_dim():
@@ -595,6 +646,50 @@ def test_msvq_contributions_sum_to_output_and_next_input_chain(fitted_msvq):
         assert q.teacher_inputs(out.indices).dtype == torch.float32
     emb = q.embed(out.indices[1])
     torch.testing.assert_close(emb, q.embedding.weight[out.indices[1]].permute(0, 3, 1, 2))
+
+
+def test_msvq_loss_gradients_by_hand_two_codes():
+    """Two scales (1x1, 2x2), phi = identity, a 2-code codebook: the loss is
+    1/2 sum_k [beta mse(sg f_k, z) + mse(f_k, sg z)], so dL/dz = 1/2 sum_k beta 2 (z - f_k)/n and
+    dL/dE_j = 1/2 sum_k sum_(p, c) 2 (f_k - z)[p, c]/n [code j is in f_k at p]; f_0 = E[i_0] everywhere,
+    f_1 = f_0 + E[i_1(p)]; written out with loops, indices by brute force."""
+    beta = 0.25
+    q = MultiScaleVQ(2, 2, scales=(1, 2), beta=beta, quant_resi=0.0).train()
+    e = torch.tensor([[1.0, -0.5], [-0.8, 0.6]])
+    with torch.no_grad():
+        q.embedding.weight.copy_(e)
+    z = torch.tensor([[[0.9, 1.3], [0.2, 1.6]], [[-0.4, 0.1], [0.5, -0.9]]]).unsqueeze(0)  # (1, 2, 2, 2)
+    z.requires_grad_(True)
+    out = q(z)
+    out.loss.backward()
+
+    zz = z.detach().double()[0]  # (2, 2, 2) = (C, H, W)
+    ee = e.double()
+    positions = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    def nearest(v):
+        return min(range(2), key=lambda j: float(((v - ee[j]) ** 2).sum()))
+
+    i0 = nearest(zz.mean(dim=(1, 2)))
+    i1 = {p: nearest(zz[:, p[0], p[1]] - ee[i0]) for p in positions}
+    assert [out.indices[0].item()] == [i0] and [out.indices[1][0][p].item() for p in positions] == [i1[p] for p in positions]
+    f = [{p: ee[i0] for p in positions}, {p: ee[i0] + ee[i1[p]] for p in positions}]
+    n = zz.numel()
+    grad_z = torch.zeros(2, 2, 2, dtype=torch.float64)
+    grad_e = torch.zeros(2, 2, dtype=torch.float64)
+    for k in range(2):
+        for p in positions:
+            diff = f[k][p] - zz[:, p[0], p[1]]  # (C,)
+            grad_z[:, p[0], p[1]] += 0.5 * beta * 2 * -diff / n
+            grad_e[i0] += 0.5 * 2 * diff / n
+            if k == 1:
+                grad_e[i1[p]] += 0.5 * 2 * diff / n
+    torch.testing.assert_close(z.grad[0].double(), grad_z, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q.embedding.weight.grad.double(), grad_e, atol=1e-6, rtol=1e-5)
+    loss = sum((1 + beta) * sum(((f[k][p] - zz[:, p[0], p[1]]) ** 2).sum() for p in positions) / n for k in range(2)) / 2
+    torch.testing.assert_close(out.loss.double(), loss, atol=1e-6, rtol=1e-5)
+    f_final = torch.stack([torch.stack([f[1][(h, w)] for w in range(2)], -1) for h in range(2)], -2)  # (C, H, W)
+    torch.testing.assert_close(out.quantized[0].detach().double(), f_final, atol=1e-6, rtol=1e-5)
 
 
 def test_msvq_shapes_and_errors():
