@@ -218,6 +218,16 @@ def test_codebook_vectors_refused_where_there_is_none():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("max_block", [7, 50, 1 << 24])
+def test_nearest_code_blocks_agree_with_brute_force_first_index_on_ties(max_block):
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [1.0, 0.0]])  # rows 2, 4 repeat 0, 1
+    x = torch.cat([codebook, torch.randn(20, 2), torch.tensor([[0.5, 0.0]])])  # the last is equidistant from 0 and 1
+    got = nearest_code(x, codebook, max_block=max_block)
+    expected = [min(range(5), key=lambda k: (float(((v - codebook[k]) ** 2).sum()), k)) for v in x]
+    assert got.tolist() == expected
+    assert got[:5].tolist() == [0, 1, 0, 3, 1] and got[-1] == 0
+
+
 @pytest.mark.parametrize("l2_norm,codebook_dim", [(False, None), (True, None), (True, 3), (False, 3)])
 def test_vq_nearest_code_is_brute_force(l2_norm, codebook_dim):
     q = VQ(6, 50, l2_norm=l2_norm, codebook_dim=codebook_dim).eval()
