@@ -518,10 +518,17 @@ def test_bsq_factorized_entropy_matches_brute_force():
     # per-sample entropy is analytic per bit with p = sigmoid(-4 tau u / sqrt(d))
     analytic = binary_entropy_from_logits(-4 * tau * u / math.sqrt(d)).sum(-1).mean()
     torch.testing.assert_close(analytic, sample_h, atol=1e-5, rtol=1e-5)
-    # grouped codebook entropy (groups of 2) upper-bounds the joint one (subadditivity)
+    # grouped codebook entropy (groups of 2 bits) = the sum of the entropies of the batch-mean marginals of the
+    # exact 16-way distribution over each group's bits (code j: bits 0-1 are j & 3, bits 2-3 are j >> 2)
     q2 = BSQ(d, group_size=2, inv_temperature=tau, gamma0=0.0)
     assert q2.groups == [2, 2]
-    assert -q2.entropy_penalty(u) * tau >= codebook_h - 1e-5
+    j = torch.arange(2 ** d)
+    grouped = 0
+    for part in (j & 3, j >> 2):
+        marginal = torch.zeros(4).index_add_(0, part, avg)  # (4,)
+        grouped = grouped - (marginal * marginal.log()).sum()
+    torch.testing.assert_close(-q2.entropy_penalty(u) * tau, grouped, atol=1e-5, rtol=1e-5)
+    assert grouped >= codebook_h - 1e-5  # subadditivity: the grouped bound is above the joint entropy
     assert BSQ(10, group_size=4).groups == [4, 4, 2] and BSQ(3).group_size == 3
 
 
