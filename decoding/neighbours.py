@@ -52,11 +52,14 @@ def knn_codes(vectors: torch.Tensor, k: int, max_block: int = MAX_BLOCK_ELEMENTS
     if k == 0:
         return out_idx, out_dist
     sq = v.pow(2).sum(1)  # (K,)
-    rows = max(1, max_block // n)
+    rows = min(n, max(1, max_block // n))
+    buf64 = torch.empty(rows, n, dtype=torch.float64, device=v.device)  # reused: a fresh block per step would let
+    buf32 = torch.empty(rows, n, dtype=torch.float32, device=v.device)  # the allocator's footprint creep upwards
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         r = torch.arange(stop - start, device=v.device)
-        d2 = torch.addmm(sq, v[start:stop], v.t(), alpha=-2).add_(sq[start:stop, None]).clamp_min_(0).float()  # (R, K)
+        exact = torch.addmm(sq, v[start:stop], v.t(), alpha=-2, out=buf64[:stop - start])  # (R, K) float64
+        d2 = buf32[:stop - start].copy_(exact.add_(sq[start:stop, None]).clamp_min_(0))  # (R, K) squared distances
         d2[r, r + start] = float("inf")  # not its own neighbour
         vals, cols = d2.topk(min(k + 1, n - 1), dim=1, largest=False, sorted=True)  # (R, k+1); order among ties unspecified
         kth = vals[:, k - 1:k]  # (R, 1) the k-th smallest distance
