@@ -138,9 +138,9 @@ def _fake_lpips_files(folder: Path) -> tuple[Path, Path]:
 def _lpips_by_hand(trunk: dict, heads: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """LPIPS v0.1 written out on torchvision's own VGG16: sum over relu{1_2,2_2,3_3,4_3,5_3} of the spatial mean of
     w_l . (unit(f_l(x)) - unit(f_l(y)))^2, inputs (x - shift) / scale, gray repeated to RGB."""
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
-    features = vgg16(weights=None).features
+    features = make_layers(cfgs["D"])  # torchvision's vgg16().features, without building the 120M-weight classifier
     features.load_state_dict({k[len("features."):]: v for k, v in trunk.items()})
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
