@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import decoding.neighbours as neighbours
 from data.token_cache import load_tokenizer_run, tokenizer_hash
+from decoding import neighbours
 from decoding.neighbours import cache_file, codebook_neighbours, knn_codes
 from tokenizers.fsq import FSQ
 from utils.checkpoint import export_run
@@ -140,7 +140,7 @@ def test_65536_codes_in_six_dimensions():
     machine, hence slow); rows spot-checked against brute force."""
     vectors = torch.randn(65536, 6, generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
-    idx, dist = knn_codes(vectors, 10)
+    idx, _ = knn_codes(vectors, 10)
     elapsed = time.perf_counter() - started
     assert idx.shape == (65536, 10) and elapsed < 600
     rows = torch.tensor([0, 1, 4097, 65535])

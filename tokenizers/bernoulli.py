@@ -50,8 +50,3 @@ class BernoulliBinary(Quantizer):
         space (and the output space)."""
         check_enumerable(self)
         return indices_to_bits(torch.arange(self.codebook_size), self.in_channels).float()
-
-    @fp32
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, d) -> bits (B, d, H, W)."""
-        return vectors.permute(0, 3, 1, 2)

@@ -88,8 +88,3 @@ class BSQ(Quantizer):
         corner to u = z/||z|| in L2, so this is the lookup space (the unit sphere), also the output space."""
         check_enumerable(self)
         return self.corners(torch.arange(self.codebook_size))
-
-    @fp32
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, d) -> quantized (B, d, H, W)."""
-        return vectors.permute(0, 3, 1, 2)

@@ -80,8 +80,3 @@ class LFQ(Quantizer):
         """(2**dim, dim) in {-1, +1}, row k = the little-endian bits of k (bit i -> channel i): the sign is the
         nearest grid point in L2, so this is the lookup space, which is also the output space."""
         return self.codes.clone()
-
-    @fp32
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, d) -> quantized (B, d, H, W)."""
-        return vectors.permute(0, 3, 1, 2)

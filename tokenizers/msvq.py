@@ -111,6 +111,11 @@ class MultiScaleVQ(Quantizer):
         e = self.embedding.weight.detach().float()  # (V, C)
         return F.normalize(e, dim=-1) if self.l2_norm else e
 
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Not defined for multi-scale maps: a code's vector enters f_hat through ``contribution`` (upsampling, phi)."""
+        raise NotImplementedError("MultiScaleVQ decodes lists of per-scale index maps: use decode_indices, or embed / "
+                                  "contribution for one scale's code vectors")
+
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, s, s) (or flattened (B, s*s)) -> code vectors (B, C, s, s)."""
         if idx.dim() == 2:

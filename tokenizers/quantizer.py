@@ -22,6 +22,19 @@ class QuantizerOutput(NamedTuple):
     stats: dict  # scalar tensors worth logging (e.g. batch perplexity), may be empty
 
 
+def fp32(fn):
+    """Run a quantizer method with autocast off and floating inputs cast to fp32."""
+
+    def wrapped(self, z, *args, **kwargs):
+        device_type = z.device.type if z.device.type in ("cuda", "cpu") else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(self, z.float() if z.is_floating_point() else z, *args, **kwargs)
+
+    wrapped.__doc__ = fn.__doc__
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
 class Quantizer(nn.Module):
     """Base class: subclasses set ``in_channels``, ``out_channels`` and ``codebook_size``.
 
@@ -57,27 +70,19 @@ class Quantizer(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement codebook_vectors()")
 
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        """Code vectors (B, H, W, d) in the lookup space -> quantized map (B, C_out, H, W) (single-scale only)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement decode_vectors()")
+    @fp32
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, H, W, d) in the lookup space -> quantized map (B, C_out, H, W) (single-scale only).
+
+        This default is for quantizers whose lookup space is their output space (SimVQ, LFQ, BSQ, Bernoulli);
+        those with an output projection (VQ, FSQ) apply it.
+        """
+        return vectors.permute(0, 3, 1, 2)
 
 
 def zero_loss(ref: torch.Tensor) -> torch.Tensor:
     """A scalar zero on ref's device that still takes part in autograd graphs."""
     return ref.new_zeros(())
-
-
-def fp32(fn):
-    """Run a quantizer method with autocast off and floating inputs cast to fp32."""
-
-    def wrapped(self, z, *args, **kwargs):
-        device_type = z.device.type if z.device.type in ("cuda", "cpu") else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):
-            return fn(self, z.float() if z.is_floating_point() else z, *args, **kwargs)
-
-    wrapped.__doc__ = fn.__doc__
-    wrapped.__name__ = fn.__name__
-    return wrapped
 
 
 def batch_code_stats(indices: torch.Tensor, codebook_size: int) -> dict:

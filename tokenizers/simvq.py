@@ -52,8 +52,3 @@ class SimVQ(Quantizer):
         """(K, d): the effective codebook W(C) that the argmin runs against (not the frozen C), detached."""
         with torch.no_grad(), torch.autocast(device_type=self.frozen_codebook.device.type, enabled=False):
             return self.codebook.float()
-
-    @fp32
-    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, d) -> quantized (B, d, H, W): the lookup space is the output space."""
-        return vectors.permute(0, 3, 1, 2)
