@@ -16,14 +16,6 @@ from tokenizers.fsq import FSQ
 from utils.checkpoint import export_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def brute_force(vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact pairwise L2 (no matmul trick, float64), self excluded, stable argsort: ties go to the smaller index."""
     d = torch.cdist(vectors.double(), vectors.double(), compute_mode="donot_use_mm_for_euclid_dist")
