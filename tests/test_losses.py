@@ -1,8 +1,7 @@
-"""Perceptual and adversarial tokenizer losses: the formulas, the PatchGAN, LPIPS's offline fallback,
+"""Perceptual and adversarial tokenizer losses: the formulas, the PatchGAN, LPIPS (by hand; an error without weights),
 and adversarial training inside the LightningModule (steps, logging, resume)."""
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -95,20 +94,33 @@ def test_patchgan_shape_and_init(norm):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_lpips_missing_backbone_warns_once_and_returns_zeros(tmp_path, monkeypatch, caplog):
+def test_lpips_without_its_weights_is_an_error_that_says_how_to_get_them(tmp_path, monkeypatch):
+    import tokenizers.lpips as lpips_mod
+    from tokenizers.lpips import LPIPSWeightsError
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_torch_home"))
-    with caplog.at_level(logging.WARNING, logger="tokenizers.lpips"):
-        nets = [LPIPS(), LPIPS()]
-    warnings = [r for r in caplog.records if "LPIPS backbone weights not found" in r.getMessage()]
-    assert len(warnings) == 1
-    msg = warnings[0].getMessage()
+    with pytest.raises(LPIPSWeightsError) as missing_trunk:
+        LPIPS()
+    msg = str(missing_trunk.value)
     assert str(tmp_path / "no_torch_home" / "hub" / "checkpoints" / VGG16_FILE) in msg
-    assert "tokenizer.loss.perceptual=0" in msg
-    x = torch.randn(3, 1, 32, 32, requires_grad=True)
-    for net in nets:
-        assert net.available is False and not list(net.parameters())
-        d = net(x, torch.zeros_like(x))
-        assert d.shape == (3,) and torch.equal(d, torch.zeros(3))
+    assert "torchvision.models.vgg16(weights='IMAGENET1K_V1')" in msg and "tokenizer.loss.perceptual=0" in msg
+    backbone, heads = _fake_lpips_files(tmp_path)
+    monkeypatch.setattr(lpips_mod, "default_heads_path", lambda: None)  # the lpips package is not installed
+    with pytest.raises(LPIPSWeightsError, match="pip install lpips"):
+        LPIPS(backbone)
+    with pytest.raises(LPIPSWeightsError, match="pip install lpips"):
+        LPIPS(backbone, tmp_path / "nowhere.pth")
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(LPIPSWeightsError, match="could not be loaded"):
+        LPIPS(broken, heads)
+    # a run asking for the perceptual loss fails when it is built, not with a zero loss later
+    from tokenizers.module import TokenizerModule
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # the fake trunk is found there; the heads are not
+    with pytest.raises(LPIPSWeightsError, match="pip install lpips"):
+        TokenizerModule(_module_config(tmp_path / "cfg", ["tokenizer.loss.perceptual=1.0"]))
+    assert TokenizerModule(_module_config(tmp_path / "cfg0", [])).perceptual_net is None  # weight 0: never built
 
 
 def _fake_lpips_files(folder: Path) -> tuple[Path, Path]:
@@ -123,10 +135,30 @@ def _fake_lpips_files(folder: Path) -> tuple[Path, Path]:
     return backbone, heads
 
 
+def _lpips_by_hand(trunk: dict, heads: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS v0.1 written out on torchvision's own VGG16: sum over relu{1_2,2_2,3_3,4_3,5_3} of the spatial mean of
+    w_l . (unit(f_l(x)) - unit(f_l(y)))^2, inputs (x - shift) / scale, gray repeated to RGB."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["D"])  # torchvision's vgg16().features, without building the 120M-weight classifier
+    features.load_state_dict({k[len("features."):]: v for k, v in trunk.items()})
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    hx, hy = ((t.expand(-1, 3, -1, -1) - shift) / scale for t in (x, y))
+    total = 0
+    for i, (start, stop) in enumerate([(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]):
+        hx, hy = features[start:stop](hx), features[start:stop](hy)
+        ux = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        uy = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        w = heads[f"lin{i}.model.1.weight"].view(1, -1, 1, 1)
+        total = total + (w * (ux - uy).pow(2)).sum(1).mean(dim=(1, 2))
+    return total
+
+
 def test_lpips_with_local_weights_is_a_frozen_distance_outside_the_state_dict(tmp_path, monkeypatch):
     backbone, heads = _fake_lpips_files(tmp_path)
     net = LPIPS(backbone, heads)
-    assert net.available and not any(p.requires_grad for p in net.parameters())
+    assert not any(p.requires_grad for p in net.parameters())
     net.train()
     assert not net.training  # stays in eval mode
     x = torch.rand(2, 1, 16, 16) * 2 - 1  # small: VGG16 is slow on a loaded CPU
@@ -135,9 +167,12 @@ def test_lpips_with_local_weights_is_a_frozen_distance_outside_the_state_dict(tm
     assert torch.allclose(net(x, y), net(x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)))  # gray = repeated RGB
     x.requires_grad_(True)
     d = net(x, y)
-    assert (d > 0).all()
     d.sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    x_ref = x.detach().clone().requires_grad_(True)
+    want = _lpips_by_hand(torch.load(backbone, weights_only=True), torch.load(heads, weights_only=True), x_ref, y)
+    want.sum().backward()
+    torch.testing.assert_close(d, want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-8)
 
     # Inside the LightningModule: used, but not a submodule, not optimized, not saved.
     from tokenizers.module import TokenizerModule
@@ -146,7 +181,7 @@ def test_lpips_with_local_weights_is_a_frozen_distance_outside_the_state_dict(tm
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(lpips_mod, "default_heads_path", lambda: heads)
     module = TokenizerModule(_module_config(tmp_path / "cfg", ["tokenizer.loss.perceptual=1.0"]))
-    assert module.perceptual_net is not None and module.perceptual_net.available
+    assert module.perceptual_net is not None
     assert not any("lins" in k or "features" in k for k in module.state_dict())
     optimized = {id(p) for g in module.configure_optimizers()[0][0].param_groups for p in g["params"]}
     assert not optimized & {id(p) for p in module.perceptual_net.parameters()}
@@ -191,12 +226,10 @@ def _train(folder: Path, overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def gan_run(tmp_path_factory):
-    """6 steps with the discriminator on from step 0 and a perceptual weight but no LPIPS weights."""
+    """6 steps with the discriminator on from step 0 (no LPIPS: VGG16 would dominate the test's time)."""
     folder = tmp_path_factory.mktemp("gan")
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(folder / "no_torch_home"))
-        metrics, objects = _train(folder, GAN + ["tokenizer.loss.perceptual=1.0"])
+    metrics, objects = _train(folder, GAN)
     return metrics, objects
 
 
@@ -216,10 +249,14 @@ def test_adversarial_step_trains_the_discriminator_and_logs(gan_run, tmp_path):
     module, trainer = objects["model"], objects["trainer"]
     for key in ("train/d_loss", "train/g_loss", "train/adaptive_weight", "train/l1"):
         assert key in metrics and math.isfinite(metrics[key]), key
-    assert "train/lpips" not in metrics  # LPIPS weights are missing: the run went on without it
-    assert module.perceptual_net is not None and module.perceptual_net.available is False
+    assert "train/lpips" not in metrics and module.perceptual_net is None
+    # the last step's generator loss is L1 + w_q x quantizer loss + 0.1 x lambda x G loss, lambda in [0, 1e4]
+    want = (metrics["train/l1"] + metrics["train/quant_weight"] * metrics["train/quant_loss"]
+            + 0.1 * metrics["train/adaptive_weight"] * metrics["train/g_loss"])
+    assert metrics["train/loss"] == pytest.approx(want, rel=1e-5)
+    assert 0 <= metrics["train/adaptive_weight"] <= 1e4
     # The discriminator moved away from its init, and its Adam took one step per batch.
-    init = _initial_discriminator(tmp_path, GAN + ["tokenizer.loss.perceptual=1.0"])
+    init = _initial_discriminator(tmp_path, GAN)
     final = module.discriminator.state_dict()
     weights = [k for k in init if k.endswith("weight")]
     assert weights and all(not torch.equal(init[k], final[k]) for k in weights)

@@ -81,6 +81,19 @@ def test_contract_decode_roundtrip_dtype_and_loss(name):
         assert all(((i >= 0) & (i < q.codebook_size)).all() for i in idx)
 
 
+@pytest.mark.parametrize("name", ["vq", "vq_ema", "simvq", "lfq", "msvq"])
+def test_straight_through_passes_the_output_gradient_unchanged(name):
+    """quantized = z + sg(q - z): its value is q, and d(quantized . g)/dz = g exactly, with no gradient to codes."""
+    q = FACTORIES[name]().train()
+    z = torch.randn(2, q.in_channels, 4, 4, requires_grad=True)
+    g = torch.randn(2, q.out_channels, 4, 4)
+    out = q(z)
+    (out.quantized * g).sum().backward()
+    torch.testing.assert_close(z.grad, g, atol=0, rtol=0)
+    assert all(p.grad is None or not p.grad.any() for p in q.parameters())
+    torch.testing.assert_close(out.quantized, q.eval().decode_indices(out.indices), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_quantization_is_fp32_under_bf16_autocast(name):
     q = FACTORIES[name]()
@@ -94,8 +107,125 @@ def test_quantization_is_fp32_under_bf16_autocast(name):
 
 
 # ------------------------------------------------------------------------------------------------
+# Code vectors: codebook_vectors() in the lookup space, decode_indices(i) == decode_vectors(vectors[i])
+# ------------------------------------------------------------------------------------------------
+
+SINGLE_SCALE = sorted(n for n in FACTORIES if n not in ("kl", "msvq"))
+
+
+@pytest.mark.parametrize("name", SINGLE_SCALE)
+def test_codebook_vectors_decode_like_indices(name):
+    q = FACTORIES[name]()
+    q.train()
+    q(torch.randn(2, q.in_channels, 4, 4))  # k-means / EMA state moves first
+    q.eval()
+    vectors = q.codebook_vectors()
+    assert vectors.shape[0] == q.codebook_size and vectors.dim() == 2
+    assert vectors.dtype == torch.float32 and not vectors.requires_grad
+    assert torch.unique(vectors, dim=0).shape[0] == q.codebook_size  # K distinct codes
+    idx = torch.randint(0, q.codebook_size, (2, 3, 5))
+    decoded = q.decode_indices(idx)  # (2, C_out, 3, 5)
+    torch.testing.assert_close(decoded, q.decode_vectors(vectors[idx]), atol=1e-6, rtol=1e-6)
+    # and what forward outputs for a code is its row: quantize random inputs, decode their rows
+    out = q(torch.randn(2, q.in_channels, 4, 4))
+    torch.testing.assert_close(q.decode_vectors(vectors[out.indices]), out.quantized, atol=1e-5, rtol=1e-5)
+
+
+def _lookup_space(q, z):
+    """What VQ / SimVQ compare against the codebook: project_in, then l2-normalize when asked (by hand)."""
+    x = getattr(q, "project_in", torch.nn.Identity())(z).permute(0, 2, 3, 1).reshape(-1, q.codebook_vectors().shape[1])
+    return F.normalize(x, dim=-1) if getattr(q, "l2_norm", False) else x
+
+
+@pytest.mark.parametrize("name", ["vq", "vq_l2_lowdim", "vq_ema", "simvq"])
+def test_codebook_vectors_are_what_the_argmin_compares_against(name):
+    q = FACTORIES[name]().eval()
+    with torch.no_grad():
+        for t in (getattr(q, "embed", None), getattr(q, "frozen_codebook", None)):
+            if t is not None:
+                t.normal_()  # spread the codes so the argmin is decided by more than rounding
+    z = torch.randn(4, q.in_channels, 5, 5)
+    x = _lookup_space(q, z).detach()
+    brute = torch.cdist(x.double(), q.codebook_vectors().double()).argmin(1)
+    assert torch.equal(q(z).indices.reshape(-1), brute)
+
+
+def test_codebook_vectors_of_learned_codebooks_by_hand():
+    vq = VQ(8, 32)
+    torch.testing.assert_close(vq.codebook_vectors(), vq.embed.detach())
+    cos = VQ(8, 32, l2_norm=True, codebook_dim=4)
+    with torch.no_grad():
+        cos.embed.normal_()
+    e = cos.embed.detach()
+    assert cos.codebook_vectors().shape == (32, 4)  # the low-dimensional space, not the 8 input channels
+    torch.testing.assert_close(cos.codebook_vectors(), e / e.norm(dim=1, keepdim=True))
+    sim = SimVQ(8, 32)
+    by_hand = sim.frozen_codebook @ sim.proj.weight.detach().t() + sim.proj.bias.detach()  # W(C), not C
+    torch.testing.assert_close(sim.codebook_vectors(), by_hand)
+    for l2 in (False, True):
+        ms = MultiScaleVQ(4, 16, scales=(1, 2, 4), l2_norm=l2)
+        w = ms.embedding.weight.detach()
+        torch.testing.assert_close(ms.codebook_vectors(), w / w.norm(dim=1, keepdim=True) if l2 else w)
+        r = torch.randn(2, 4, 4, 4)
+        x = r.permute(0, 2, 3, 1).reshape(-1, 4)
+        x = x / x.norm(dim=1, keepdim=True) if l2 else x
+        assert torch.equal(ms.lookup(r).reshape(-1), torch.cdist(x.double(), ms.codebook_vectors().double()).argmin(1))
+    plain = MultiScaleVQ(4, 16, scales=(1, 2, 4))
+    idx = torch.randint(0, 16, (2, 4, 4))
+    torch.testing.assert_close(plain.embed(idx), plain.codebook_vectors()[idx].permute(0, 3, 1, 2))
+
+
+def test_fsq_grid_enumerated_by_hand():
+    levels = [3, 4, 5]
+    q = FSQ(levels)
+    rows = []
+    for k in range(3 * 4 * 5):  # channel 0 is the least significant digit
+        digits = [k % 3, (k // 3) % 4, k // 12]
+        rows.append([(dg - lv // 2) / (lv // 2) for dg, lv in zip(digits, levels)])
+    torch.testing.assert_close(q.codebook_vectors(), torch.tensor(rows), atol=0, rtol=0)
+    # forward lands on the grid row of its index
+    z = torch.randn(2, 3, 6, 6) * 2
+    out = q(z)
+    torch.testing.assert_close(out.quantized.permute(0, 2, 3, 1), torch.tensor(rows)[out.indices], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cls,low,high", [(LFQ, -1.0, 1.0), (BSQ, -0.5, 0.5), (BernoulliBinary, 0.0, 1.0)])
+def test_binary_grids_by_hand_little_endian(cls, low, high):
+    q = cls(4)
+    rows = [[high if c == "1" else low for c in reversed(format(k, "04b"))] for k in range(16)]  # bit i -> channel i
+    torch.testing.assert_close(q.codebook_vectors(), torch.tensor(rows), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: FSQ([8, 8, 8, 5, 5, 5]), lambda: LFQ(16), lambda: BSQ(16),
+                                  lambda: BernoulliBinary(16), lambda: VQ(8, 65536, codebook_dim=6)])
+def test_codebook_vectors_at_65536_codes(make):
+    q = make()
+    vectors = q.codebook_vectors()
+    assert vectors.shape == (q.codebook_size, vectors.shape[1]) and q.codebook_size in (64000, 65536)
+    idx = torch.tensor([[[0, 1, q.codebook_size - 1]]])
+    torch.testing.assert_close(q.decode_indices(idx), q.decode_vectors(vectors[idx]))
+
+
+def test_codebook_vectors_refused_where_there_is_none():
+    with pytest.raises(ValueError, match="continuous"):
+        KLGaussian(4).codebook_vectors()
+    with pytest.raises(ValueError, match="limit"):
+        BSQ(30).codebook_vectors()
+
+
+# ------------------------------------------------------------------------------------------------
 # VQ
 # ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_block", [7, 50, 1 << 24])
+def test_nearest_code_blocks_agree_with_brute_force_first_index_on_ties(max_block):
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 2.0], [1.0, 0.0]])  # rows 2, 4 repeat 0, 1
+    x = torch.cat([codebook, torch.randn(20, 2), torch.tensor([[0.5, 0.0]])])  # the last is equidistant from 0 and 1
+    got = nearest_code(x, codebook, max_block=max_block)
+    expected = [min(range(5), key=lambda k: (float(((v - codebook[k]) ** 2).sum()), k)) for v in x]
+    assert got.tolist() == expected
+    assert got[:5].tolist() == [0, 1, 0, 3, 1] and got[-1] == 0
 
 
 @pytest.mark.parametrize("l2_norm,codebook_dim", [(False, None), (True, None), (True, 3), (False, 3)])
@@ -182,9 +312,12 @@ def test_vq_dead_code_restarted_from_batch(ema):
     assert (q.cluster_size[:3] >= 1.0).all()  # used codes keep their statistics
     if ema:
         torch.testing.assert_close(q.embed_avg[3], q.embed[3] * threshold)
-    else:  # restarting the learnable codebook in place must not break the backward pass
+    else:  # restarting the learnable codebook in place must not change the backward pass
         (out.quantized.sum() + out.loss).backward()
-        assert q.embed.grad is not None and torch.isfinite(q.embed.grad).all()
+        used = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the codes before the restart
+        idx = out.indices.reshape(-1)
+        expected = torch.zeros(4, 2).index_add_(0, idx, 2 * (used[idx] - x) / x.numel())  # codebook term only
+        torch.testing.assert_close(q.embed.grad, expected)
 
 
 def _clustered_data(n_clusters=16, dim=8, per_cluster=32, seed=1):
@@ -241,8 +374,19 @@ def test_simvq_frozen_codebook_and_decode_uses_projection():
     z = torch.randn(4, 8, 4, 4)
     q.train()
     before = q.frozen_codebook.clone()
-    q(z).loss.backward()
-    assert q.proj.weight.grad.abs().sum() > 0
+    z.requires_grad_(True)
+    out = q(z)
+    out.loss.backward()
+    # by hand: codes = W C[idx] + b; loss = beta mse(z, sg codes) + mse(codes, sg z) over n = N * d entries
+    c = q.frozen_codebook[out.indices.reshape(-1)]  # (N, d)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    codes = c @ q.proj.weight.detach().t() + q.proj.bias.detach()
+    n = flat.numel()
+    torch.testing.assert_close(q.proj.weight.grad, (2 * (codes - flat) / n).t() @ c)
+    torch.testing.assert_close(q.proj.bias.grad, (2 * (codes - flat) / n).sum(0))
+    torch.testing.assert_close(z.grad.permute(0, 2, 3, 1).reshape(-1, 8), 0.25 * 2 * (flat - codes) / n)
+    torch.testing.assert_close(out.loss, 1.25 * ((codes - flat) ** 2).mean())
+    z = z.detach()
     opt.step()
     assert torch.equal(before, q.frozen_codebook)  # C never changes
     q.eval()
@@ -324,6 +468,30 @@ def test_lfq_entropy_penalty_extremes():
     assert q.eval()(codes).loss == 0  # entropy only in training, commitment weight 0
 
 
+def test_lfq_loss_and_gradient_by_hand():
+    """commitment_weight x mean (z - sign z)^2 (gradient to z only) + entropy_weight x (H_sample - H_codebook),
+    the entropies from the 8 codes enumerated with itertools."""
+    import itertools
+
+    beta, w_ent, tau = 0.25, 0.1, 1.0
+    q = LFQ(3, entropy_weight=w_ent, commitment_weight=beta, inv_temperature=tau)
+    z = torch.tensor([[0.5, -0.2, 0.3, -1.5], [0.1, 0.4, -0.7, 2.0], [-0.6, 0.25, 0.9, -0.05]]).view(1, 3, 2, 2)
+    z.requires_grad_(True)
+    sign = torch.where(z.detach() > 0, 1.0, -1.0)
+    commitment = beta * ((z.detach() - sign) ** 2).mean()
+    out = q.eval()(z)
+    torch.testing.assert_close(out.loss, commitment)
+    out.loss.backward()
+    torch.testing.assert_close(z.grad, beta * 2 * (z.detach() - sign) / z.numel())
+    rows = z.detach().permute(0, 2, 3, 1).reshape(4, 3)
+    codes = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)))  # any order: entropies do not care
+    probs = (2 * tau * rows @ codes.t()).softmax(-1)  # (4, 8)
+    h_sample = -(probs * probs.log()).sum(-1).mean()
+    avg = probs.mean(0)
+    h_codebook = -(avg * avg.log()).sum()
+    torch.testing.assert_close(q.train()(z.detach()).loss, commitment + w_ent * (h_sample - h_codebook))
+
+
 def test_lfq_refuses_large_dim():
     with pytest.raises(ValueError, match="bsq"):
         LFQ(17)
@@ -350,10 +518,17 @@ def test_bsq_factorized_entropy_matches_brute_force():
     # per-sample entropy is analytic per bit with p = sigmoid(-4 tau u / sqrt(d))
     analytic = binary_entropy_from_logits(-4 * tau * u / math.sqrt(d)).sum(-1).mean()
     torch.testing.assert_close(analytic, sample_h, atol=1e-5, rtol=1e-5)
-    # grouped codebook entropy (groups of 2) upper-bounds the joint one (subadditivity)
+    # grouped codebook entropy (groups of 2 bits) = the sum of the entropies of the batch-mean marginals of the
+    # exact 16-way distribution over each group's bits (code j: bits 0-1 are j & 3, bits 2-3 are j >> 2)
     q2 = BSQ(d, group_size=2, inv_temperature=tau, gamma0=0.0)
     assert q2.groups == [2, 2]
-    assert -q2.entropy_penalty(u) * tau >= codebook_h - 1e-5
+    j = torch.arange(2 ** d)
+    grouped = 0
+    for part in (j & 3, j >> 2):
+        marginal = torch.zeros(4).index_add_(0, part, avg)  # (4,)
+        grouped = grouped - (marginal * marginal.log()).sum()
+    torch.testing.assert_close(-q2.entropy_penalty(u) * tau, grouped, atol=1e-5, rtol=1e-5)
+    assert grouped >= codebook_h - 1e-5  # subadditivity: the grouped bound is above the joint entropy
     assert BSQ(10, group_size=4).groups == [4, 4, 2] and BSQ(3).group_size == 3
 
 
@@ -488,6 +663,50 @@ def test_msvq_contributions_sum_to_output_and_next_input_chain(fitted_msvq):
         assert q.teacher_inputs(out.indices).dtype == torch.float32
     emb = q.embed(out.indices[1])
     torch.testing.assert_close(emb, q.embedding.weight[out.indices[1]].permute(0, 3, 1, 2))
+
+
+def test_msvq_loss_gradients_by_hand_two_codes():
+    """Two scales (1x1, 2x2), phi = identity, a 2-code codebook: the loss is
+    1/2 sum_k [beta mse(sg f_k, z) + mse(f_k, sg z)], so dL/dz = 1/2 sum_k beta 2 (z - f_k)/n and
+    dL/dE_j = 1/2 sum_k sum_(p, c) 2 (f_k - z)[p, c]/n [code j is in f_k at p]; f_0 = E[i_0] everywhere,
+    f_1 = f_0 + E[i_1(p)]; written out with loops, indices by brute force."""
+    beta = 0.25
+    q = MultiScaleVQ(2, 2, scales=(1, 2), beta=beta, quant_resi=0.0).train()
+    e = torch.tensor([[1.0, -0.5], [-0.8, 0.6]])
+    with torch.no_grad():
+        q.embedding.weight.copy_(e)
+    z = torch.tensor([[[0.9, 1.3], [0.2, 1.6]], [[-0.4, 0.1], [0.5, -0.9]]]).unsqueeze(0)  # (1, 2, 2, 2)
+    z.requires_grad_(True)
+    out = q(z)
+    out.loss.backward()
+
+    zz = z.detach().double()[0]  # (2, 2, 2) = (C, H, W)
+    ee = e.double()
+    positions = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    def nearest(v):
+        return min(range(2), key=lambda j: float(((v - ee[j]) ** 2).sum()))
+
+    i0 = nearest(zz.mean(dim=(1, 2)))
+    i1 = {p: nearest(zz[:, p[0], p[1]] - ee[i0]) for p in positions}
+    assert [out.indices[0].item()] == [i0] and [out.indices[1][0][p].item() for p in positions] == [i1[p] for p in positions]
+    f = [{p: ee[i0] for p in positions}, {p: ee[i0] + ee[i1[p]] for p in positions}]
+    n = zz.numel()
+    grad_z = torch.zeros(2, 2, 2, dtype=torch.float64)
+    grad_e = torch.zeros(2, 2, dtype=torch.float64)
+    for k in range(2):
+        for p in positions:
+            diff = f[k][p] - zz[:, p[0], p[1]]  # (C,)
+            grad_z[:, p[0], p[1]] += 0.5 * beta * 2 * -diff / n
+            grad_e[i0] += 0.5 * 2 * diff / n
+            if k == 1:
+                grad_e[i1[p]] += 0.5 * 2 * diff / n
+    torch.testing.assert_close(z.grad[0].double(), grad_z, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q.embedding.weight.grad.double(), grad_e, atol=1e-6, rtol=1e-5)
+    loss = sum((1 + beta) * sum(((f[k][p] - zz[:, p[0], p[1]]) ** 2).sum() for p in positions) / n for k in range(2)) / 2
+    torch.testing.assert_close(out.loss.double(), loss, atol=1e-6, rtol=1e-5)
+    f_final = torch.stack([torch.stack([f[1][(h, w)] for w in range(2)], -1) for h in range(2)], -2)  # (C, H, W)
+    torch.testing.assert_close(out.quantized[0].detach().double(), f_final, atol=1e-6, rtol=1e-5)
 
 
 def test_msvq_shapes_and_errors():

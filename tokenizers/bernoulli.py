@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tokenizers.lfq import bits_to_indices, indices_to_bits
-from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, fp32
+from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, check_enumerable, fp32
 
 
 class BernoulliBinary(Quantizer):
@@ -42,4 +42,11 @@ class BernoulliBinary(Quantizer):
     @fp32
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) -> bits (B, C, H, W) in {0, 1}."""
-        return indices_to_bits(indices, self.in_channels).float().permute(0, 3, 1, 2)
+        return self.decode_vectors(indices_to_bits(indices, self.in_channels).float())
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(2**dim, dim) in {0, 1}, row k = the little-endian bits of k. There is no argmin here; the deterministic
+        code 1[p > 0.5] is the nearest corner of [0, 1]^d to p = sigmoid(z) in L2, so the bit space is the lookup
+        space (and the output space)."""
+        check_enumerable(self)
+        return indices_to_bits(torch.arange(self.codebook_size), self.in_channels).float()

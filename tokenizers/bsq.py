@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizers.lfq import bits_to_indices, indices_to_bits
-from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, fp32, zero_loss
+from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, check_enumerable, fp32, zero_loss
 
 
 def binary_entropy_from_logits(x: torch.Tensor) -> torch.Tensor:
@@ -77,5 +77,14 @@ class BSQ(Quantizer):
     @fp32
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) -> quantized (B, C, H, W) in {-1, +1}/sqrt(C)."""
-        bits = indices_to_bits(indices, self.in_channels).float()  # (B, H, W, d)
-        return ((bits * 2 - 1) / math.sqrt(self.in_channels)).permute(0, 3, 1, 2)
+        return self.decode_vectors(self.corners(indices))
+
+    def corners(self, indices: torch.Tensor) -> torch.Tensor:
+        """(...) int64 indices -> (..., d) corners in {-1, +1}/sqrt(d), bit i of the index -> channel i."""
+        return (indices_to_bits(indices, self.in_channels).float() * 2 - 1) / math.sqrt(self.in_channels)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(2**dim, dim) in {-1, +1}/sqrt(dim) (unit norm), row k = the little-endian bits of k: the nearest
+        corner to u = z/||z|| in L2, so this is the lookup space (the unit sphere), also the output space."""
+        check_enumerable(self)
+        return self.corners(torch.arange(self.codebook_size))

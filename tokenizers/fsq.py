@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, fp32, zero_loss
+from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, check_enumerable, fp32, zero_loss
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -80,5 +80,17 @@ class FSQ(Quantizer):
     @fp32
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) -> quantized (B, C, H, W)."""
-        codes = self.indices_to_codes(indices).permute(0, 3, 1, 2)  # (B, d, H, W)
-        return self.project_out(codes)
+        return self.decode_vectors(self.indices_to_codes(indices))
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(K, len(levels)): the implicit grid, row k = the code of index k, values k_i / (L_i // 2) in [-1, 1].
+
+        The space is the rounding space after ``project_in`` (rounding to the nearest grid point is the lookup).
+        """
+        check_enumerable(self)
+        return self.indices_to_codes(torch.arange(self.codebook_size, device=self.basis.device))
+
+    @fp32
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, len(levels)) grid codes -> quantized (B, C, H, W) through ``project_out``."""
+        return self.project_out(vectors.permute(0, 3, 1, 2))

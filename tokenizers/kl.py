@@ -48,6 +48,11 @@ class KLGaussian(Quantizer):
         """Continuous latents need no lookup: returns them unchanged."""
         return latents
 
+    def codebook_vectors(self) -> torch.Tensor:
+        """Continuous latents have no codebook: always raises."""
+        raise ValueError("KLGaussian latents are continuous: there is no finite codebook, so no codebook_vectors(). "
+                         "Code neighbourhoods and other codebook methods need a discrete tokenizer (vq, fsq, lfq, ...)")
+
     @torch.no_grad()
     def fit_scale_factor(self, latents: torch.Tensor) -> torch.Tensor:
         """Set scale_factor = 1 / std(latents) (over all elements) and return it."""

@@ -74,5 +74,9 @@ class LFQ(Quantizer):
     @fp32
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) -> quantized (B, C, H, W) in {-1, +1}."""
-        bits = indices_to_bits(indices, self.in_channels).float()  # (B, H, W, d)
-        return (bits * 2 - 1).permute(0, 3, 1, 2)
+        return self.decode_vectors(indices_to_bits(indices, self.in_channels).float() * 2 - 1)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(2**dim, dim) in {-1, +1}, row k = the little-endian bits of k (bit i -> channel i): the sign is the
+        nearest grid point in L2, so this is the lookup space, which is also the output space."""
+        return self.codes.clone()

@@ -5,19 +5,17 @@ Two files are needed and neither is ever downloaded here:
     ($TORCH_HOME/hub/checkpoints/, by default ~/.cache/torch/hub/checkpoints/);
   * LPIPS's five linear heads (`weights/v0.1/vgg.pth`), which the `lpips` PyPI package ships
     (`pip install lpips`, or the project's `perceptual` extra).
-When one is missing, LPIPS logs one warning and becomes a stand-in whose distance is always zero
-(`available=False`), so a run configured with a perceptual loss still trains, offline, without it.
+When one is missing or unreadable, building LPIPS raises `LPIPSWeightsError`, naming the file and how to get
+it: a run configured with a perceptual loss never trains silently without it (set
+`tokenizer.loss.perceptual=0` to train without LPIPS on purpose).
 """
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, as torch.hub caches it
 # torchvision's vgg16 `features`: conv widths, "M" = 2x2 max pool; every conv is followed by a ReLU.
@@ -27,8 +25,15 @@ TAP_CHANNELS = (64, 128, 256, 512, 512)
 # LPIPS's input scaling (v0.1): images in [-1, 1] -> roughly ImageNet-normalized.
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
+OFF = "or set tokenizer.loss.perceptual=0 to train without LPIPS"
+GET_BACKBONE = ("get it on a machine with internet access with `python -c \"import torchvision; "
+                "torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` (torch.hub caches it as "
+                f"$TORCH_HOME/hub/checkpoints/{VGG16_FILE}) and copy it here, or pass LPIPS(backbone_path=...)")
+GET_HEADS = "install the `lpips` package (`pip install lpips`, or the project's `perceptual` extra)"
 
-_warned: set[str] = set()  # one warning per process and message
+
+class LPIPSWeightsError(FileNotFoundError):
+    """LPIPS was asked for but its weights are not on disk (or cannot be read)."""
 
 
 def default_backbone_path() -> Path:
@@ -42,12 +47,6 @@ def default_heads_path() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     return Path(spec.origin).parent / "weights" / "v0.1" / "vgg.pth"
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 def vgg16_features() -> nn.Sequential:
@@ -69,22 +68,19 @@ def _unit_channels(h: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 
 class LPIPS(nn.Module):
-    """Perceptual distance of images in [-1, 1]: (B, C, H, W) x 2 -> (B,); frozen; zeros when unavailable."""
+    """Perceptual distance of images in [-1, 1]: (B, C, H, W) x 2 -> (B,); frozen; raises without its weights."""
 
     def __init__(self, backbone_path: str | Path | None = None, heads_path: str | Path | None = None):
         super().__init__()
         self.backbone_path = Path(backbone_path) if backbone_path else default_backbone_path()
         heads = Path(heads_path) if heads_path else default_heads_path()
-        self.available = False
-        fallback = ("training continues without the perceptual loss. Put the file there or set "
-                    "tokenizer.loss.perceptual=0 to silence this")
         if not self.backbone_path.is_file():
-            _warn_once(f"LPIPS backbone weights not found at {self.backbone_path}; {fallback}")
-            return
+            raise LPIPSWeightsError(f"LPIPS needs the VGG16 ImageNet trunk at {self.backbone_path}, which does not "
+                                    f"exist (nothing is downloaded here): {GET_BACKBONE}; {OFF}")
         if heads is None or not heads.is_file():
-            where = heads or "<the lpips package> (pip install lpips, or the project's `perceptual` extra)"
-            _warn_once(f"LPIPS linear heads not found at {where}; {fallback}")
-            return
+            where = heads or "<the lpips package>, which is not installed"
+            raise LPIPSWeightsError(f"LPIPS needs its linear heads (weights/v0.1/vgg.pth) from {where}: {GET_HEADS}; "
+                                    f"{OFF}")
         features = vgg16_features()
         lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in TAP_CHANNELS)
         try:
@@ -93,15 +89,14 @@ class LPIPS(nn.Module):
             lin_state = torch.load(heads, map_location="cpu", weights_only=True)  # saved from CUDA tensors
             for i, lin in enumerate(lins):
                 lin.weight.data.copy_(lin_state[f"lin{i}.model.1.weight"])
-        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: same fallback, with the reason
-            _warn_once(f"LPIPS weights at {self.backbone_path} / {heads} could not be loaded ({e}); {fallback}")
-            return
+        except Exception as e:  # a corrupt or foreign file: say which and why
+            raise LPIPSWeightsError(f"LPIPS weights at {self.backbone_path} / {heads} could not be loaded ({e}); "
+                                    f"replace them ({GET_BACKBONE}; heads: {GET_HEADS}), {OFF}") from e
         self.features = features[:TAPS[-1] + 1]  # nothing after relu5_3 is used
         self.lins = lins
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
-        self.available = True
         self.eval()
 
     def train(self, mode: bool = True) -> LPIPS:
@@ -109,8 +104,6 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x, y (B, C, H, W) in [-1, 1], C in {1, 3} -> distance (B,); gradients flow to x and y."""
-        if not self.available:
-            return x.new_zeros(x.shape[0])
         b = x.shape[0]
         h = torch.cat([x, y]).float()  # one pass for both: (2B, C, H, W)
         if h.shape[1] == 1:

@@ -97,7 +97,7 @@ class TokenizerModule(L.LightningModule):
         if not self._perceptual:
             return None
         net = self._perceptual[0]
-        if net.available and net.shift.device != self.device:
+        if net.shift.device != self.device:
             net.to(self.device)
         return net
 
@@ -119,8 +119,7 @@ class TokenizerModule(L.LightningModule):
         if lpips is not None:
             p_loss = lpips(recon, images).mean()
             nll = nll + self.perceptual_weight * p_loss
-            if lpips.available:
-                logs["train/lpips"] = p_loss
+            logs["train/lpips"] = p_loss
         q_weight = self.config["loss"]["quantizer"] * self.quantizer_ramp(self.global_step)
         loss = nll + q_weight * q.loss
         adversarial = self.adversarial_active()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers.nearest_code import nearest_code
 from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, fp32
 
 
@@ -102,14 +103,22 @@ class MultiScaleVQ(Quantizer):
     def lookup(self, r: torch.Tensor) -> torch.Tensor:
         """(B, C, s, s) residual -> (B, s, s) nearest code indices (no gradient)."""
         b, c, h, w = r.shape
-        with torch.no_grad():
-            x = r.permute(0, 2, 3, 1).reshape(-1, c)  # (N, C)
-            e = self.embedding.weight.detach().float()  # (V, C)
-            if self.l2_norm:
-                idx = (F.normalize(x, dim=-1) @ F.normalize(e, dim=-1).t()).argmax(1)
-            else:
-                idx = (x.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * x @ e.t()).argmin(1)  # (N,)
-        return idx.view(b, h, w)
+        x = r.detach().permute(0, 2, 3, 1).reshape(-1, c)  # (N, C)
+        if self.l2_norm:
+            x = F.normalize(x, dim=-1)
+        return nearest_code(x, self.codebook_vectors()).view(b, h, w)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(V, C) codes the lookup compares residuals against: E, or E l2-normalized with ``l2_norm`` (cosine
+        lookup, as VAR's ``using_znorm``); detached. Each scale's contribution is built from the raw E[idx]
+        (``embed``), so with ``l2_norm`` the decoder sees E, not these vectors."""
+        e = self.embedding.weight.detach().float()  # (V, C)
+        return F.normalize(e, dim=-1) if self.l2_norm else e
+
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Not defined for multi-scale maps: a code's vector enters f_hat through ``contribution`` (upsampling, phi)."""
+        raise NotImplementedError("MultiScaleVQ decodes lists of per-scale index maps: use decode_indices, or embed / "
+                                  "contribution for one scale's code vectors")
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, s, s) (or flattened (B, s*s)) -> code vectors (B, C, s, s)."""

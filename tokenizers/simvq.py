@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers.nearest_code import nearest_code
 from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, fp32
 
 
@@ -34,10 +35,7 @@ class SimVQ(Quantizer):
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # (N, d)
         codebook = self.codebook  # (K, d)
-        with torch.no_grad():
-            cb = codebook.detach()
-            dist = flat.pow(2).sum(1, keepdim=True) + cb.pow(2).sum(1) - 2 * flat @ cb.t()  # (N, K)
-            idx = dist.argmin(1)  # (N,)
+        idx = nearest_code(flat.detach(), codebook.detach())  # (N,)
         codes = codebook[idx]  # (N, d), differentiable w.r.t. W
         loss = self.beta * F.mse_loss(flat, codes.detach()) + F.mse_loss(codes, flat.detach())
         quantized = flat + (codes - flat).detach()  # straight-through
@@ -48,4 +46,9 @@ class SimVQ(Quantizer):
     @fp32
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) -> quantized (B, C, H, W), from W(C)."""
-        return self.codebook[indices].permute(0, 3, 1, 2)  # (B, d, H, W)
+        return self.decode_vectors(self.codebook[indices])
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(K, d): the effective codebook W(C) that the argmin runs against (not the frozen C), detached."""
+        with torch.no_grad(), torch.autocast(device_type=self.frozen_codebook.device.type, enabled=False):
+            return self.codebook.float()

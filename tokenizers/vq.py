@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers.nearest_code import nearest_code
 from tokenizers.quantizer import Quantizer, QuantizerOutput, batch_code_stats, fp32
 
 # ------------------------------------------------------------------------------------------------
@@ -53,13 +54,6 @@ def sample_vectors(x: torch.Tensor, n: int) -> torch.Tensor:
     stacked = torch.stack(gathered)  # (world, n, d)
     j = torch.arange(n, device=x.device)
     return stacked[j % world, j]  # (n, d)
-
-
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """(N, d), (K, d) -> (N,) argmin_k |x|^2 + |e_k|^2 - 2 x.e_k (no gradient)."""
-    with torch.no_grad():
-        d = x.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * x @ codebook.t()  # (N, K)
-        return d.argmin(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,5 +191,15 @@ class VQ(Quantizer):
     @fp32
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) -> quantized (B, C, H, W)."""
-        codes = self._codes(indices).permute(0, 3, 1, 2)  # (B, d, H, W)
-        return self.project_out(codes)
+        return self.decode_vectors(self._codes(indices))
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(K, codebook_dim), detached: the codes the argmin compares against, in ``project_in``'s output space
+        (the low-dimensional space when ``codebook_dim`` is set) and l2-normalized with ``l2_norm``, because the
+        argmin runs there (on the unit sphere, L2 order is cosine order). ``project_out`` maps them to outputs."""
+        return self.codebook.detach().float()
+
+    @fp32
+    def decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, codebook_dim) lookup-space vectors -> quantized (B, C, H, W) through ``project_out``."""
+        return self.project_out(vectors.permute(0, 3, 1, 2))
