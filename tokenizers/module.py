@@ -11,6 +11,7 @@ adaptive weight (or 1) and the PatchGAN discriminator trains on the same batch f
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,10 @@ from tokenizers.losses import ReconstructionLoss
 from tokenizers.lpips import LPIPS
 from utils.ema import EMA
 from utils.schedule import rampdown, warmup_cosine
+
+# Under DDP Lightning asks for sync_dist=True on epoch-level logs; these are torchmetrics values whose compute()
+# already reduced the states over all ranks, so a second (mean) reduction would only add rounding.
+warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/(psnr|ssim|usage|perplexity|rfid)'.*sync_dist=True")
 
 ADVERSARIAL_DEFAULTS = {"weight": 0.0, "start_step": 0, "disc_lr": None, "disc_betas": [0.5, 0.9], "ndf": 64,
                         "layers": 3, "norm": "batch", "adaptive": True, "loss": "hinge"}
@@ -73,6 +78,12 @@ class TokenizerModule(L.LightningModule):
             if self.codebook_size:
                 setattr(self, f"{stage}_usage", CodebookUsage(self.codebook_size))
         self._fid_images: dict[str, list] = {}
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """DDP must look for unused parameters with a discriminator: the G and D backward passes of one step each
+        leave the other net without gradients (train.py turns trainer.strategy=ddp into that DDP)."""
+        return self.discriminator is not None
 
     # -- training --------------------------------------------------------------------------------
     def configure_optimizers(self):
