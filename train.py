@@ -79,9 +79,9 @@ def check_launch(trainer: L.Trainer, strategy) -> None:
     by_script = Path(sys.argv[0]).resolve() == Path(__file__).resolve()
     if (isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally
             and not by_script):
-        raise ValueError(f"trainer.strategy={strategy} starts ranks 1.. by running this command line again "
-                         f"({' '.join(sys.argv[:1])}); run multi-process training as `python train.py ...` (or torchrun "
-                         "/ SLURM, which start every rank themselves), not by calling train() from another program")
+        raise ValueError(f"trainer.strategy={strategy} starts ranks 1.. by running this program ({sys.argv[0]}) "
+                         "again; run multi-process training as `python train.py ...` (or under torchrun / SLURM, which "
+                         "start every rank themselves), not by calling train() from another program")
 
 
 def check_fresh_or_resuming(out: Path, ckpt_path: str | None) -> None:
