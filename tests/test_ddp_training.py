@@ -28,8 +28,10 @@ EVAL_BATCH = 16  # 8 per rank; limit_val_batches=1, so validation sees test imag
 DDP = ["trainer=ddp_sim", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
        f"data.eval_batch_size={EVAL_BATCH}", f"callbacks.last_checkpoint.every_n_train_steps={SAVE_EVERY}",
        "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null", "callbacks.progress_bar=null"]
-# a small discriminator from step 3 on: DDP must handle the GAN step's two backward passes
-TOKENIZER = ["tokenizer.loss.adversarial.weight=0.1", "tokenizer.loss.adversarial.start_step=3",
+# an EMA codebook with k-means init and dead-code restarts (synchronised over ranks), and a small discriminator
+# from step 3 on (DDP must handle the GAN step's two backward passes)
+TOKENIZER = ["tokenizer=vq_ema", "tokenizer.quantizer.dim=8", "tokenizer.quantizer.codebook_size=64",
+             "tokenizer.quantizer.kmeans_iters=2", "tokenizer.loss.adversarial.weight=0.1", "tokenizer.loss.adversarial.start_step=3",
              "tokenizer.loss.adversarial.ndf=8", "tokenizer.loss.adversarial.layers=2",
              "tokenizer.loss.adversarial.norm=group"]
 SIZE = 16  # generator test: 16x16 images, an f4 FSQ tokenizer -> 16 raster tokens
@@ -100,7 +102,7 @@ def test_tokenizer_two_ranks_kill_resume(tmp_path):
     from tokenizers.module import build_tokenizer
 
     run, r0, r1 = train_two_ranks(TINY + TOKENIZER, tmp_path, "tokenizer")
-    assert any(k.startswith("discriminator.") for k in r0)
+    assert any(k.startswith("discriminator.") for k in r0) and any(k.endswith("quantizer.embed_avg") for k in r0)
     assert_same_weights(r0, r1)
 
     # val/psnr of the last validation (step 12, the final EMA weights) over test images 0..15, by hand:
