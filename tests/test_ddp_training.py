@@ -1,10 +1,12 @@
 """Multi-process training end to end: trainer=ddp_sim (2 CPU ranks, gloo) through train.py for every task.
 
 A run is killed after a checkpoint and resumed with ckpt_path= to the end (the generator's resume is marked
-slow: `make test` keeps one uninterrupted generator run). Then the two ranks must hold
-bit-identical weights (having trained on different batches), the run must sit in one folder, and the logged
-validation metric must equal the mean over both ranks' validation shards, computed here from the final EMA
-weights (and differ from rank 0's shard alone, so an unreduced metric fails).
+slow: `make test` keeps one uninterrupted generator run). Then the two ranks must hold bit-identical weights
+(having trained on different batches), the run must sit in one folder, no epoch-level metric may go unreduced,
+and the logged validation metric must equal the mean over both ranks' validation shards, computed here from the
+final EMA weights (and differ from rank 0's shard alone, so an unreduced metric fails).
+A new task (drafter, distill) gets its test by calling ``train_two_ranks`` with its overrides and checking its
+own validation metric the same way.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ DDP = ["trainer=ddp_sim", f"trainer.max_steps={STEPS}", "trainer.val_check_inter
 # an EMA codebook with k-means init and dead-code restarts (synchronised over ranks), and a small discriminator
 # from step 3 on (DDP must handle the GAN step's two backward passes)
 TOKENIZER = ["tokenizer=vq_ema", "tokenizer.quantizer.dim=8", "tokenizer.quantizer.codebook_size=64",
-             "tokenizer.quantizer.kmeans_iters=2", "tokenizer.loss.adversarial.weight=0.1", "tokenizer.loss.adversarial.start_step=3",
-             "tokenizer.loss.adversarial.ndf=8", "tokenizer.loss.adversarial.layers=2",
+             "tokenizer.quantizer.kmeans_iters=2", "tokenizer.loss.adversarial.weight=0.1",
+             "tokenizer.loss.adversarial.start_step=3", "tokenizer.loss.adversarial.ndf=8", "tokenizer.loss.adversarial.layers=2",
              "tokenizer.loss.adversarial.norm=group"]
 SIZE = 16  # generator test: 16x16 images, an f4 FSQ tokenizer -> 16 raster tokens
 GENERATOR = ["task=generator", "generator=gpt", f"data.image_size={SIZE}", "+generator.model.depth=2",
