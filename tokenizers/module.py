@@ -30,7 +30,8 @@ from utils.schedule import rampdown, warmup_cosine
 
 # Under DDP Lightning asks for sync_dist=True on epoch-level logs; these are torchmetrics values whose compute()
 # already reduced the states over all ranks, so a second (mean) reduction would only add rounding.
-warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)/(psnr|ssim|usage|perplexity|rfid)'.*sync_dist=True")
+warnings.filterwarnings("ignore",
+                        message=r".*self\.log\('(val|test)/(psnr|ssim|usage|perplexity|rfid)'.*sync_dist=True")
 
 ADVERSARIAL_DEFAULTS = {"weight": 0.0, "start_step": 0, "disc_lr": None, "disc_betas": [0.5, 0.9], "ndf": 64,
                         "layers": 3, "norm": "batch", "adaptive": True, "loss": "hinge"}
