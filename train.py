@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import warnings
 import time
 from pathlib import Path
@@ -21,7 +23,8 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from data.registry import content_settings
 from utils.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_replace, export_run
@@ -44,6 +47,41 @@ def output_dir_of(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # composed outside @hydra.main (tests call train() directly)
         return Path(cfg.paths.output_dir)
+
+
+def pin_run_dir(out: Path) -> None:
+    """Point hydra.run.dir at this run's folder: Lightning starts ranks 1.. with hydra.run.dir=<HydraConfig's
+    run.dir>, and its ${run_dir:...} resolver would name a new timestamped folder in each of them."""
+    if HydraConfig.initialized():
+        run = HydraConfig.get().run
+        with read_write(run):
+            run.dir = str(out)
+
+
+def strategy_of(cfg: DictConfig, model: L.LightningModule):
+    """trainer.strategy, turning plain DDP into DDP that finds unused parameters where the module needs it
+    (``ddp_find_unused_parameters``: a GAN tokenizer's two backward passes each leave the other net unused)."""
+    strategy = cfg.trainer.strategy
+    if strategy == "ddp" and getattr(model, "ddp_find_unused_parameters", False):
+        return "ddp_find_unused_parameters_true"
+    return strategy
+
+
+def check_launch(trainer: L.Trainer, strategy) -> None:
+    """Multi-process runs start their ranks so that every rank runs all of train() with the process group up."""
+    launcher = trainer.strategy.launcher
+    if trainer.world_size == 1 or launcher is None:
+        return
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ValueError(f"trainer.strategy={strategy} trains in spawned workers and runs the rest of train.py (test, "
+                         "FID, export, metrics.json) in a parent without the process group, so steps, metrics and "
+                         "FID would be wrong; use trainer.strategy=ddp (trainer=ddp_sim on CPU, trainer=ddp on GPUs)")
+    by_script = Path(sys.argv[0]).resolve() == Path(__file__).resolve()
+    relaunches = not launcher.cluster_environment.creates_processes_externally
+    if isinstance(launcher, _SubprocessScriptLauncher) and relaunches and not by_script:
+        raise ValueError(f"trainer.strategy={strategy} starts ranks 1.. by running this program ({sys.argv[0]}) "
+                         "again; run multi-process training as `python train.py ...` (or under torchrun / SLURM, which "
+                         "start every rank themselves), not by calling train() from another program")
 
 
 def check_fresh_or_resuming(out: Path, ckpt_path: str | None) -> None:
@@ -142,7 +180,9 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
     gen = cfg.generator.name
     generator_class(gen)  # an unknown name fails here, listing the generators
     on_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    # each rank on its own GPU (LOCAL_RANK: Lightning's, torchrun's and SLURM's launchers set it)
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) if on_cuda
+              else torch.device("cpu"))
     run = load_tokenizer_run(cfg.tokenizer_ckpt, device)
     check_pairing(gen, run.model.quantizer, cfg.tokenizer_ckpt)
     tok_channels = run.config["data"]["channels"]
@@ -194,6 +234,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out = output_dir_of(cfg)
+    pin_run_dir(out)
     check_fresh_or_resuming(out, cfg.get("ckpt_path"))
     log.info("output folder: %s", out)
 
@@ -204,8 +245,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     loggers = instantiate_dict(cfg.get("logger"), "logger")
     log.info("instantiating trainer <%s>", cfg.trainer._target_)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+    strategy = strategy_of(cfg, model)
+    trainer: L.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
+    check_launch(trainer, strategy)
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)

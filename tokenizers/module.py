@@ -11,6 +11,7 @@ adaptive weight (or 1) and the PatchGAN discriminator trains on the same batch f
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,11 @@ from tokenizers.losses import ReconstructionLoss
 from tokenizers.lpips import LPIPS
 from utils.ema import EMA
 from utils.schedule import rampdown, warmup_cosine
+
+# Under DDP Lightning asks for sync_dist=True on epoch-level logs; these are torchmetrics values whose compute()
+# already reduced the states over all ranks, so a second (mean) reduction would only add rounding.
+warnings.filterwarnings("ignore",
+                        message=r".*self\.log\('(val|test)/(psnr|ssim|usage|perplexity|rfid)'.*sync_dist=True")
 
 ADVERSARIAL_DEFAULTS = {"weight": 0.0, "start_step": 0, "disc_lr": None, "disc_betas": [0.5, 0.9], "ndf": 64,
                         "layers": 3, "norm": "batch", "adaptive": True, "loss": "hinge"}
@@ -73,6 +79,12 @@ class TokenizerModule(L.LightningModule):
             if self.codebook_size:
                 setattr(self, f"{stage}_usage", CodebookUsage(self.codebook_size))
         self._fid_images: dict[str, list] = {}
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """DDP must look for unused parameters with a discriminator: the G and D backward passes of one step each
+        leave the other net without gradients (train.py turns trainer.strategy=ddp into that DDP)."""
+        return self.discriminator is not None
 
     # -- training --------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -195,8 +207,8 @@ class TokenizerModule(L.LightningModule):
             getattr(self, f"{stage}_usage").update(q.indices)
         if batch_idx == 0 and self.global_rank == 0:
             self._save_grid(images, recon, stage)
-        n_fid = int(self.config["eval"].get("rfid_images", 0))
-        if n_fid and stage == "test":
+        n_fid = self._rfid_share() if stage == "test" else 0
+        if n_fid:
             bank = self._fid_images.setdefault(stage, [])
             have = sum(x[0].shape[0] for x in bank)
             if have < n_fid:
@@ -213,23 +225,44 @@ class TokenizerModule(L.LightningModule):
             if hasattr(self, f"{stage}_{name}"):
                 getattr(self, f"{stage}_{name}").reset()
         bank = self._fid_images.pop(stage, [])
-        if bank:
+        if stage == "test" and self._rfid_count():  # every rank, even one whose share is empty (collectives)
             out[f"{stage}/rfid"] = torch.tensor(self._rfid(bank), dtype=torch.float32)
         self.log_dict(out, sync_dist=False)
         return out
 
-    def _rfid(self, bank: list) -> float:
-        """FID of reconstructions vs the same test images; the real side's statistics are cached on disk
-        (they are the first n images of the unshuffled test split on a single process)."""
-        from evaluation.fid import fid_inception, reconstruction_fid
+    def _rfid_count(self) -> int:
+        """How many test images rFID covers: eval.rfid_images, at most the whole test split."""
+        n = int(self.config["eval"].get("rfid_images", 0))
+        test_set = getattr(self.trainer.datamodule, "test_set", None)
+        return min(n, len(test_set)) if test_set is not None else n
 
-        real = torch.cat([b[0] for b in bank])
-        fake = torch.cat([b[1] for b in bank])
+    def _rfid_share(self) -> int:
+        """How many test images this rank keeps for rFID: under DDP the unshuffled test shards hold images
+        r, r + W, r + 2W, ... (DistributedSampler), so rank r's share of the first n is len(range(r, n, W))."""
+        return len(range(self.global_rank, self._rfid_count(), self.trainer.world_size))
+
+    def _rfid(self, bank: list) -> float:
+        """FID of reconstructions vs the same test images. The real side's statistics are cached on disk: they
+        are the first n images of the unshuffled test split, which one process holds, or all ranks' shares
+        together; then every rank adds its reconstructions to one FID whose states are summed over ranks."""
+        from evaluation.fid import FID, fid_inception, reconstruction_fid, reference_statistics
+
+        real, fake = (torch.cat([b[i] for b in bank]) if bank else torch.zeros(0) for i in (0, 1))  # (n_rank, C, H, W)
         data, dm = self.hparams.config["data"], self.trainer.datamodule
         split = dm.test_split if dm is not None else "test"
-        use_cache = self.trainer.world_size == 1 and dm is not None  # a DDP rank holds a shard: score its own images
-        return reconstruction_fid(fake, data["name"], split, data["image_size"], real=None if use_cache else real,
-                                  net=fid_inception(device=self.device), settings=data.get("settings"))
+        if dm is None or self.trainer.world_size == 1:  # another loader's images need not be the split's first n
+            return reconstruction_fid(fake, data["name"], split, data["image_size"], real=real if dm is None else None,
+                                      net=fid_inception(device=self.device), settings=data.get("settings"))
+        # the shares are a prefix of the split: images 0 .. n - 1 (fewer than eval.rfid_images under limit_test_batches)
+        n = int(self.trainer.strategy.reduce(torch.tensor(fake.shape[0], device=self.device), reduce_op="sum"))
+        fid = FID(device=self.device)
+        if self.global_rank == 0:  # the real statistics count once in the sum over ranks (see FID)
+            stats = reference_statistics(data["name"], split, data["image_size"], n,
+                                         net=fid_inception(device=self.device), settings=data.get("settings"))
+            fid.set_real_statistics(stats.mu, stats.sigma, stats.n)
+        if fake.shape[0]:
+            fid.update(fake.to(self.device), real=False)
+        return fid.compute()
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, "val")
