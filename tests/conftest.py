@@ -42,3 +42,12 @@ def run_entry(script: str, args: list[str], cwd: Path = ROOT, timeout: int = 600
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors on a shared 2-core machine only lose to threading."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,12 +17,7 @@ from utils.checkpoint import CheckpointError, check_same_tokenizer
 V, NC, SCALES = 16, 4, (1, 2, 3, 4)  # K = 4, L = 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -10,12 +10,7 @@ from tests.conftest import compose_config
 from tests.test_generator_training import QUANTIZERS, gen_overrides, make_tokenizer_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ V = 8
 N_DRAWS = 100_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls on a shared 2-core machine: threads only add contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def codebook(kind: str, d: int, seed: int) -> torch.Tensor:

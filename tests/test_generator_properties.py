@@ -29,7 +29,7 @@ from tests.test_generators import (
     NC,
     SCALES,
     V,
-    _seed_and_one_thread,  # noqa: F401 (autouse: seed, one thread)
+    _seed,  # noqa: F401 (autouse: seed, one thread)
     jitter,
     tiny_flowar,
     tiny_gpt,

@@ -42,12 +42,7 @@ NO_CALLBACKS = ["callbacks.model_checkpoint=null", "callbacks.lr_monitor=null", 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on a shared 2-core machine: one thread is far faster
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tokenizer_run(path: Path, kind: str, seed: int = 0) -> Path:

@@ -40,13 +40,8 @@ def overfit(model, loss_fn, steps: int, lr: float = 3e-3) -> tuple[float, float]
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # tiny models: one intra-op thread is far faster than two on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed(one_thread):
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
