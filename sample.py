@@ -26,8 +26,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from utils.checkpoint import (CheckpointError, atomic_replace, expect_kind, load_tokenizer, load_weights,  # noqa: F401
-                              resolve_checkpoint)
+from utils.checkpoint import CheckpointError, atomic_replace
+from utils.runs import load_run, read_checkpoint
 from utils.hydra import register_resolvers
 
 log = logging.getLogger("tokar")
@@ -51,7 +51,8 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
     from tokenizers.module import save_reconstruction_grid
 
     device = pick_device(cfg.device)
-    model, config = load_tokenizer(cfg.ckpt, device)
+    run = load_run(cfg.ckpt, "tokenizer", device, role="ckpt")
+    model, config = run.model, run.config
     data = config["data"]
     ds = load_split(data["name"], cfg.split, data["image_size"], **(data.get("settings") or {}))
     n = min(int(cfg.num_images), len(ds))
@@ -85,28 +86,9 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
 
 # -- generators ------------------------------------------------------------------------------------
 def load_generator(ckpt, device: torch.device | str = "cpu", tokenizer_path: str | None = None):
-    """(generator in eval mode, its frozen tokenizer, run config) from a generator run, .ckpt or model.safetensors.
-
-    The tokenizer run named in the config (or ``tokenizer_path``, e.g. after moving it) must exist and have the
-    hash the generator was trained with (CheckpointError otherwise).
-    """
-    from data.token_cache import load_tokenizer_run
-    from generators.module import build_generator
-
-    config, state, _ = resolve_checkpoint(ckpt)
-    expect_kind(config, "generator", ckpt)
-    tok = config.get("tokenizer") or {}
-    path = tokenizer_path or tok.get("path")
-    if not path or not Path(path).exists():
-        raise CheckpointError(f"the tokenizer run this generator was trained on ({path}) is missing; {ckpt} cannot "
-                              "turn its codes into images without it (moved? pass tokenizer_ckpt=<its new folder>)")
-    tokenizer = load_tokenizer_run(path, device, expected_hash=tok.get("hash")).model
-    model = build_generator(config)
-    try:
-        load_weights(model, state, ckpt)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in {ckpt} do not fit the generator config beside them: {e}") from e
-    return model.to(device).eval(), tokenizer, config
+    """(generator in eval mode, its frozen tokenizer, run config): `utils.runs.load_run` of a generator run."""
+    run = load_run(ckpt, "generator", device, tokenizer_path=tokenizer_path, role="ckpt")
+    return run.model, run.tokenizer.model, run.config
 
 
 def distributed() -> tuple[int, int]:
@@ -226,7 +208,7 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
 
 
 def run(cfg: DictConfig, out: Path) -> dict:
-    config, _, _ = resolve_checkpoint(cfg.ckpt)
+    config, _, _, _ = read_checkpoint(cfg.ckpt)
     kind = config.get("kind")
     if kind == "tokenizer":
         result = reconstruct(cfg, out)

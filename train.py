@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.registry import content_settings
 from utils.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_replace, export_run
 from utils.hydra import instantiate_dict, register_resolvers
+from utils.io import stale_temp_files
+from utils.loggers import FlushLogsOnCheckpoint, checkpoint_step, instantiate_loggers
+from utils.runs import load_run, resume_checkpoint, torch_checkpoint
 
 log = logging.getLogger("tokar")
 # Lightning noise that says nothing about the run: the EMA copy is meant to stay in eval mode.
@@ -54,12 +58,20 @@ def check_fresh_or_resuming(out: Path, ckpt_path: str | None) -> None:
                               f"ckpt_path={existing[0]} or start a new run folder")
 
 
+def remove_stale_temp_files(out: Path) -> None:
+    """Delete the temp files a killed write left in the run folder (never a finished file: those have no .tmp)."""
+    if int(os.environ.get("RANK", 0)):  # rank 0 owns the run folder
+        return
+    for folder in (out, out / "checkpoints"):
+        for tmp in stale_temp_files(folder):
+            log.warning("removing %s, left by a write that was killed", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 def check_resume_compatible(ckpt_path: str, config: dict) -> None:
     """A resumed checkpoint must be of the same kind and model settings as the config."""
-    p = Path(ckpt_path)
-    if not p.exists():
-        raise CheckpointError(f"ckpt_path={p} does not exist")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    p = resume_checkpoint(ckpt_path)
+    ckpt = torch_checkpoint(p)
     old = ckpt.get("hyper_parameters", {}).get("config")
     if old is None:
         raise CheckpointError(f"{p} is not a tokar checkpoint (no hyper_parameters.config)")
@@ -75,17 +87,6 @@ def check_resume_compatible(ckpt_path: str, config: dict) -> None:
     if keys or data_keys:
         raise CheckpointError(f"{p} was trained with other settings ({', '.join(keys + ['data.' + k for k in data_keys])}"
                               f" differ); resume with the run's own config.yaml settings")
-
-
-def task_defaults(cfg: DictConfig) -> None:
-    """Point best.ckpt's monitor and the sweeper metric at the task's own metric when left at another task's default."""
-    metric, mode, optimized = TASK_MONITOR[cfg.task]
-    others = {m for t, (m, _, _) in TASK_MONITOR.items() if t != cfg.task}
-    with open_dict(cfg):
-        if cfg.monitor.metric in others:
-            cfg.monitor.metric, cfg.monitor.mode = metric, mode
-        if cfg.get("optimized_metric") in {o for t, (_, _, o) in TASK_MONITOR.items() if t != cfg.task}:
-            cfg.optimized_metric = optimized
 
 
 def schedule_steps(cfg: DictConfig, datamodule) -> int:
@@ -114,7 +115,7 @@ def prepare_tokenizer_task(cfg: DictConfig, out: Path):
 
 def prepare_generator_task(cfg: DictConfig, out: Path):
     """(datamodule, config, model) of task=generator: load the tokenizer run, check the pairing, build the caches."""
-    from data.token_cache import TokenDataModule, layout_of, load_tokenizer_run, prepare_token_caches, read_metadata
+    from data.token_cache import TokenDataModule, layout_of, prepare_token_caches, read_metadata
     from generators.module import GENERATOR_LAYOUT, GeneratorModule, check_pairing, count_parameters, model_args
 
     if not cfg.get("tokenizer_ckpt"):
@@ -126,7 +127,7 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
         raise ValueError(f"unknown generator {gen!r}; one of {', '.join(GENERATOR_LAYOUT)}")
     on_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
-    run = load_tokenizer_run(cfg.tokenizer_ckpt, device)
+    run = load_run(cfg.tokenizer_ckpt, "tokenizer", device, exported=True, role="tokenizer_ckpt")
     check_pairing(gen, run.model.quantizer, cfg.tokenizer_ckpt)
     tok_channels = run.config["data"]["channels"]
     if int(cfg.data.channels) != int(tok_channels):
@@ -169,21 +170,25 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the task's model from a composed config; returns (metrics, objects)."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task} is not available; choose one of {', '.join(TASKS)}")
-    task_defaults(cfg)
+    check_train_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out = output_dir_of(cfg)
+    resume_step = None
+    if cfg.get("ckpt_path"):  # a run folder resumes its checkpoints/last.ckpt
+        with open_dict(cfg):
+            cfg.ckpt_path = str(resume_checkpoint(cfg.ckpt_path))
+        resume_step = checkpoint_step(torch_checkpoint(cfg.ckpt_path))
     check_fresh_or_resuming(out, cfg.get("ckpt_path"))
+    remove_stale_temp_files(out)
     log.info("output folder: %s", out)
 
     prepare = prepare_generator_task if cfg.task == "generator" else prepare_tokenizer_task
     datamodule, config, model = prepare(cfg, out)
-    callbacks = instantiate_dict(cfg.get("callbacks"), "callback")
+    callbacks = instantiate_dict(cfg.get("callbacks"), "callback") + [FlushLogsOnCheckpoint()]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
-    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    loggers = instantiate_loggers(cfg.get("logger"), out, resume_step)
     log.info("instantiating trainer <%s>", cfg.trainer._target_)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])

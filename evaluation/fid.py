@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -37,6 +36,7 @@ from scipy.linalg.lapack import dpstrf
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from evaluation.inception import WEIGHTS_FILE, cache_dir, inception_weights_path
+from utils.io import atomic_replace
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NUM_FEATURES = 2048
@@ -303,17 +303,9 @@ def reference_statistics_path(
 
 def _save_statistics(stats: Statistics, path: str, image_hw: tuple[int, int]) -> None:
     """Write mu, sigma, n to .safetensors atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        tensors = {"mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous(), "n": torch.tensor(stats.n)}
-        save_file(tensors, tmp, metadata={"height": str(image_hw[0]), "width": str(image_hw[1])})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    tensors = {"mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous(), "n": torch.tensor(stats.n)}
+    meta = {"height": str(image_hw[0]), "width": str(image_hw[1])}
+    atomic_replace(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
 
 def _load_statistics(path: str) -> tuple[Statistics, tuple[int, int]]:

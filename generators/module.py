@@ -8,7 +8,7 @@ guidance happens inside the networks' forward (``drop_labels``).
 
 The tokenizer is frozen and held in a plain list, so it is no submodule: not in the state_dict, the .ckpt,
 model.safetensors or any optimizer. A generator's config names the tokenizer run and its hash;
-``load_generator`` refuses a tokenizer that changed or is missing.
+``utils.runs.load_run`` refuses a tokenizer that changed or is missing.
 
 Also here, shared by train.py and sample.py: pairing checks, building a network from its config, turning
 sampled tokens into images, and the FID of a generator.
@@ -247,10 +247,9 @@ class GeneratorModule(L.LightningModule):
     def tokenizer(self) -> torch.nn.Module:
         """The frozen tokenizer on this module's device (loaded and hash-checked on first use if not given)."""
         if not self._tokenizer:
-            from data.token_cache import load_tokenizer_run
+            from utils.runs import load_tokenizer_of
 
-            tok = self.run_config["tokenizer"]
-            self._tokenizer.append(load_tokenizer_run(tok["path"], self.device, tok["hash"]).model)
+            self._tokenizer.append(load_tokenizer_of(self.run_config, self.output_dir, self.device).model)
         tok = self._tokenizer[0]
         if next(tok.parameters()).device != self.device:
             tok.to(self.device)

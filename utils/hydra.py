@@ -15,6 +15,8 @@ def run_dir(log_dir: str, task_name: str, ckpt_path: str | None = None) -> str:
     """A new outputs/<task>/<time>/ folder, or the run folder of the checkpoint being resumed."""
     if ckpt_path:
         p = Path(str(ckpt_path)).expanduser().resolve()
+        if p.is_dir():  # ckpt_path=<run folder> resumes its checkpoints/last.ckpt
+            return str(p)
         if p.parent.name == "checkpoints":
             return str(p.parent.parent)
     return str(Path(log_dir) / task_name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
@@ -40,17 +42,29 @@ def instantiate_dict(cfg: DictConfig | None, what: str) -> list:
     return out
 
 
-def compose_with_hydra(config_name: str, overrides: list[str], output_dir: str | Path):
-    """compose() outside @hydra.main, with the hydra node set as a run in output_dir (tests, benchmarks)."""
+def compose_with_hydra(config_name: str, overrides: list[str], output_dir: str | Path | None = None):
+    """The one Hydra composition outside @hydra.main (tests, benchmarks, the entry scripts' checks).
+
+    With output_dir the hydra node is kept and set as a run in output_dir (what train()/run() read); without
+    it the plain job config comes back and nothing is set globally.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    register_resolvers()
     root = Path(__file__).resolve().parents[1]
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
-        cfg = compose(config_name, overrides=[*overrides, f"hydra.run.dir={output_dir}"], return_hydra_config=True)
+    extra = [f"hydra.run.dir={output_dir}"] if output_dir is not None else []
+    try:
+        with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+            cfg = compose(config_name, overrides=[*overrides, *extra], return_hydra_config=output_dir is not None)
+    finally:
+        if output_dir is None:
+            GlobalHydra.instance().clear()
+    if output_dir is None:
+        return cfg
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.runtime.cwd = str(root)
