@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.registry import content_settings
 from utils.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_replace, export_run
-from utils.hydra import instantiate_dict, register_resolvers
+from utils.hydra import check_command_line, check_ranges, instantiate_dict, register_resolvers
 from utils.io import stale_temp_files
 from utils.loggers import FlushLogsOnCheckpoint, checkpoint_step, instantiate_loggers
 from utils.runs import load_run, resume_checkpoint, torch_checkpoint
@@ -37,9 +37,29 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 # Our manual-optimization checkpoints are meant to hold the state after the step (batches_seen counts it).
 warnings.filterwarnings("ignore", message=r".*Using ModelCheckpoint with manual optimization.*")
+# Resuming mid-epoch, Lightning warns that the dataloader "is not resumable" (it looks for a state_dict on the
+# loader). tokar's resume is exact without one: data.datamodule.ResumableSampler restarts at the batch the
+# checkpoint's batches_seen counts (tests/test_train.py checks the resumed weights equal the uninterrupted run's).
+warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
 TASKS = ("tokenizer", "generator")
-# (best.ckpt monitor, its mode, the metric main() returns to a sweeper) by task
-TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss")}
+HELP = """python train.py task=<task> [group=option ...] [key=value ...]: train a tokar model.
+
+Tasks:
+  task=tokenizer  a visual tokenizer (images -> codes -> images), trained on data=...
+                    python train.py task=tokenizer tokenizer=fsq data=fashion_mnist
+  task=generator  a class-conditional generator of a finished tokenizer run's codes
+                    python train.py task=generator generator=var tokenizer_ckpt=outputs/tokenizer/<time>
+                  (generator=var needs tokenizer=msvq, flowar tokenizer=kl, gpt a single-scale discrete one)
+Resume a killed run:  python train.py ckpt_path=outputs/<task>/<time>   (its folder or checkpoints/last.ckpt)
+Outputs: outputs/<task>/<time>/: checkpoints/, model.safetensors + config.yaml, metrics.json, csv/metrics.csv"""
+# the values a run cannot use, checked before anything is created: (low, low inclusive, high, high inclusive)
+TRAIN_RANGES = {"data.image_size": (1, True, None, False), "data.channels": (1, True, 4, False),
+                "data.batch_size": (1, True, None, False), "data.eval_batch_size": (1, True, None, False),
+                "data.num_workers": (0, True, None, False), "data.size": (1, True, None, False),
+                "trainer.max_steps": (-1, True, None, False), "trainer.log_every_n_steps": (1, True, None, False),
+                "trainer.limit_val_batches": (0, True, None, False)}
+# the monitor of each task's configs/task/<task>.yaml: an experiment that sets the `task` key instead of the group
+TASK_MONITOR = {"tokenizer": "val/psnr", "generator": "val/loss"}
 RESUME_KEYS = {"tokenizer": ("quantizer", "autoencoder"), "generator": ("name", "model")}
 
 
@@ -56,6 +76,18 @@ def check_fresh_or_resuming(out: Path, ckpt_path: str | None) -> None:
     if existing and not ckpt_path:
         raise FileExistsError(f"{out} already holds checkpoints ({existing[0].name}); resume it with "
                               f"ckpt_path={existing[0]} or start a new run folder")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """A ValueError naming the setting a run cannot use: an unknown task, a value out of range."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task} is not available; choose one of {', '.join(TASKS)}")
+    others = {m: t for t, m in TASK_MONITOR.items() if t != cfg.task}
+    if cfg.monitor.metric in others:
+        raise ValueError(f"task={cfg.task} with monitor.metric={cfg.monitor.metric} (task={others[cfg.monitor.metric]}"
+                         f"'s metric): select the task with the task group (task={cfg.task}, in an experiment "
+                         f"`- override /task: {cfg.task}`), not the `task` key alone")
+    check_ranges(cfg, TRAIN_RANGES)
 
 
 def remove_stale_temp_files(out: Path) -> None:
@@ -103,7 +135,8 @@ def prepare_tokenizer_task(cfg: DictConfig, out: Path):
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-                 "num_classes": datamodule.num_classes, "settings": content_settings(cfg.data.name, datamodule.kwargs)}
+                 "num_classes": datamodule.num_classes, "class_names": datamodule.class_names,
+                 "settings": content_settings(cfg.data.name, datamodule.kwargs)}
     config = {"kind": cfg.task, cfg.task: OmegaConf.to_container(cfg[cfg.task], resolve=True), "data": data_info,
               "total_steps": schedule_steps(cfg, datamodule)}
     if cfg.get("ckpt_path"):
@@ -147,7 +180,8 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
                                  test_split=cfg.data.val_split, seed=cfg.data.seed)
     num_classes = int(meta["num_classes"])
     data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-                 "num_classes": num_classes, "settings": content_settings(cfg.data.name, images.kwargs)}
+                 "num_classes": num_classes, "class_names": images.class_names,
+                 "settings": content_settings(cfg.data.name, images.kwargs)}
     generator_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
     image_size = int(cfg.data.image_size)
     token_shape = run.model.token_shape(image_size)
@@ -209,8 +243,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             results = trainer.test(model, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         summary.update(tokenizer=config["tokenizer"].get("name"), grid=getattr(model, "last_grid", None),
-                       protocol=f"per-image PSNR/SSIM on uint8, usage/perplexity over the whole {cfg.data.test_split} "
-                                f"split of {cfg.data.name} ({data_info['image_size']}px), EMA weights")
+                       protocol=f"per-image PSNR/SSIM on uint8, usage/perplexity over {scored_images(cfg, datamodule)} "
+                                f"({data_info['image_size']}px), EMA weights")
     else:
         summary.update(generator=config["generator"]["name"], tokenizer=config["tokenizer"],
                        grid=model.last_grid,
@@ -232,6 +266,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"model": model, "trainer": trainer, "datamodule": datamodule, "output_dir": out}
 
 
+def scored_images(cfg: DictConfig, datamodule) -> str:
+    """Which images the test metrics cover: the dataset's own description of its test split when it has one."""
+    described = getattr(datamodule.test_set, "description", None)
+    where = f"the whole {cfg.data.test_split} split of {cfg.data.name}"
+    return f"{where}: {described}" if described else where
+
+
 def print_summary(summary: dict, out: Path) -> None:
     m = summary["metrics"]
     lines = [f"run folder : {out}", f"metrics    : {out / 'metrics.json'}"]
@@ -251,9 +292,16 @@ def print_summary(summary: dict, out: Path) -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     register_resolvers()
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except BaseException:
+        log.exception("the run failed")  # into the run's log file, not only the terminal
+        raise
     return metrics.get(cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
+    import sys
+
+    check_command_line("train", sys.argv[1:], HELP, check_train_config)
     main()

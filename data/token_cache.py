@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from data.datamodule import ImageDataModule
 from data.registry import data_key
 from utils.io import atomic_replace
+from utils.progress import progress
 from utils.runs import Run
 
 log = logging.getLogger("tokar")
@@ -119,7 +120,8 @@ def build_cache(tokenizer, dataset: Dataset, path: str | Path, layout: str, meta
             loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers,
                                 generator=torch.Generator())  # no draw from the global RNG
             codes, labels = [], []
-            for images, y in loader:
+            for images, y in progress(loader, f"encoding {path.parent.name}:{path.name.split('_')[0]} "
+                                               f"(chunk {c + 1}/{num_chunks})"):
                 codes.append(encode_batch(tokenizer, images.to(device), layout))
                 labels.append(torch.as_tensor(y, dtype=torch.int64))
             tensors = {"codes": torch.cat(codes).contiguous(), "labels": torch.cat(labels).contiguous()}

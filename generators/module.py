@@ -28,6 +28,8 @@ from torchvision.utils import save_image
 
 from decoding.ar import SamplingConfig, generate
 from utils.ema import EMA
+from utils.grids import label_rows
+from utils.progress import progress
 from utils.schedule import warmup_cosine
 
 log = logging.getLogger("tokar")
@@ -160,13 +162,20 @@ def class_grid_labels(num_classes: int, per_class: int, max_classes: int | None 
     return torch.arange(rows).repeat_interleave(per_class)
 
 
-def save_class_grid(images: torch.Tensor, per_class: int, path: str | Path) -> Path:
-    """Save images ordered class by class as a grid with one row per class and ``per_class`` columns."""
+def save_class_grid(images: torch.Tensor, per_class: int, path: str | Path, row_names: list | None = None) -> Path:
+    """Save images ordered class by class as a grid with one row per class and ``per_class`` columns; row_names
+    (e.g. the rows' class names) are written beside the rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.float().cpu(), path, nrow=per_class, normalize=True, value_range=(-1, 1), padding=1,
                pad_value=0.5)
-    return path
+    return label_rows(path, row_names) if row_names else path
+
+
+def class_names(data: dict, classes) -> list[str]:
+    """The names of class ids `classes` in a run's data config (its `class_names`, else the ids themselves)."""
+    names = data.get("class_names") or []
+    return [f"{k} {names[k]}" if k < len(names) else str(k) for k in map(int, classes)]
 
 
 #################################################################################
@@ -201,7 +210,7 @@ def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: Sa
     labels = (torch.arange(num_samples) % max(1, data["num_classes"]))[rank::world_size]
     g = torch.Generator(device=device).manual_seed(seed * world_size + rank)
     seconds = 0.0
-    for i in range(0, labels.shape[0], batch_size):
+    for i in progress(range(0, labels.shape[0], batch_size), f"sampling {labels.shape[0]} images for FID"):
         y = labels[i:i + batch_size].to(device)
         images, stats = sample_images(model, tokenizer, y, sampling, config["tokens"], g)
         seconds += stats["generate_seconds"] + stats["decode_seconds"]
@@ -362,7 +371,8 @@ class GeneratorModule(L.LightningModule):
         with self._autocast():
             images, _ = sample_images(self.ema.shadow, self.tokenizer, labels.to(self.device), sampling,
                                       self.run_config["tokens"], g)
-        return save_class_grid(images, per_class, path)
+        rows = labels[::per_class].tolist()
+        return save_class_grid(images, per_class, path, class_names(self.run_config["data"], rows))
 
     def fid(self, num_samples: int, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict:
         """FID of the EMA weights against the dataset's eval.fid_split (every rank calls it; states are summed)."""

@@ -24,6 +24,7 @@ from data.datamodule import ImageDataModule
 from data.synthetic import Synthetic
 from tests.conftest import TINY, compose_config, run_entry
 from utils.checkpoint import CheckpointError, export_run
+from utils.runs import load_run, run_hash
 
 SIZE = 16  # image side; f4 -> 4x4 latents
 AUTOENCODER = {"ch": 8, "ch_mult": [1, 2, 2], "z_channels": 8, "quant_conv_kernel": 1}
@@ -93,31 +94,31 @@ def test_cache_is_reused_for_the_same_tokenizer_and_rebuilt_when_it_changes(tmp_
     monkeypatch.setattr(token_cache, "encode_batch", lambda *a: calls.append(1) or encode(*a))
     root = tmp_path / "cache"
 
-    first = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(), ["train", "test"], root)
+    first = token_cache.prepare_token_caches(load_run(run), images(), ["train", "test"], root)
     assert calls and set(first) == {"train", "test"}
     ds = token_cache.TokenDataset(first["train"])
     assert ds.codes.shape == (48, 16) and ds.codes.dtype == torch.int32 and ds.num_classes == 4
-    assert ds.meta["tokenizer_hash"] == token_cache.tokenizer_hash(run) and ds.meta["layout"] == "raster"
+    assert ds.meta["tokenizer_hash"] == run_hash(run) and ds.meta["layout"] == "raster"
     mtimes = {s: p.stat().st_mtime_ns for s, p in first.items()}
 
     calls.clear()
-    again = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(), ["train", "test"], root)
+    again = token_cache.prepare_token_caches(load_run(run), images(), ["train", "test"], root)
     assert again == first and not calls  # no re-encode
     assert {s: p.stat().st_mtime_ns for s, p in again.items()} == mtimes
 
     perturb_weights(run)  # a retrained tokenizer: new hash, new files
-    rebuilt = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(), ["train", "test"], root)
+    rebuilt = token_cache.prepare_token_caches(load_run(run), images(), ["train", "test"], root)
     assert calls and all(rebuilt[s] != first[s] for s in first)
-    assert token_cache.TokenDataset(rebuilt["train"]).meta["tokenizer_hash"] == token_cache.tokenizer_hash(run)
+    assert token_cache.TokenDataset(rebuilt["train"]).meta["tokenizer_hash"] == run_hash(run)
 
     # other dataset settings are another cache too
     calls.clear()
-    other = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(size=32), ["train"], root)
+    other = token_cache.prepare_token_caches(load_run(run), images(size=32), ["train"], root)
     assert calls and other["train"] != rebuilt["train"] and len(token_cache.TokenDataset(other["train"])) == 32
 
 
 def test_cache_build_resumes_after_a_kill_and_skips_finished_chunks(tmp_path, monkeypatch):
-    tok = token_cache.load_tokenizer_run(make_tokenizer_run(tmp_path / "msvq", "msvq")).model
+    tok = load_run(make_tokenizer_run(tmp_path / "msvq", "msvq")).model
     dataset = Synthetic("train", size=64, image_size=SIZE, num_classes=4)
     path = tmp_path / "cache" / "train.safetensors"
     encode, calls = token_cache.encode_batch, []
@@ -149,7 +150,7 @@ def test_cache_build_resumes_after_a_kill_and_skips_finished_chunks(tmp_path, mo
 
 
 def test_kl_latents_are_scaled_by_a_factor_fitted_on_the_train_split(tmp_path):
-    run = token_cache.load_tokenizer_run(make_tokenizer_run(tmp_path / "kl", "kl"))
+    run = load_run(make_tokenizer_run(tmp_path / "kl", "kl"))
     paths = token_cache.prepare_token_caches(run, images(), ["test"], tmp_path / "cache")
     train, test = token_cache.TokenDataset(paths["train"]), token_cache.TokenDataset(paths["test"])
     factor = float(train.meta["scale_factor"])
@@ -184,7 +185,7 @@ def test_var_tokenizer_train_sample_through_the_entry_points(tmp_path):
     assert Path(summary["grid"]).exists()
     config = yaml.safe_load((gen_dir / "config.yaml").read_text())
     assert config["kind"] == "generator" and config["tokenizer"]["path"] == str(tok_dir.resolve())
-    assert config["tokenizer"]["hash"] == token_cache.tokenizer_hash(tok_dir)
+    assert config["tokenizer"]["hash"] == run_hash(tok_dir)
     assert config["model_args"]["scales"] == [1, 2, 4]
     # the frozen tokenizer is in no export and no checkpoint
     exported = load_file(str(gen_dir / "model.safetensors"))
@@ -268,7 +269,7 @@ def test_missing_or_wrong_kind_tokenizer_ckpt(tok_runs, tmp_path):
     not_tok = tmp_path / "gen_run"
     export_run(torch.nn.Linear(1, 1), {"data": {}}, not_tok, kind="generator")
     cfg = compose_config("train", gen_overrides("var", not_tok, tmp_path), tmp_path / "c")
-    with pytest.raises(CheckpointError, match="generator checkpoint, but a tokenizer checkpoint is needed"):
+    with pytest.raises(CheckpointError, match="is a generator run, not a tokenizer run"):
         train(cfg)
 
 
@@ -280,7 +281,7 @@ def test_loading_a_generator_whose_tokenizer_is_missing_or_changed(tmp_path):
     train(compose_config("train", gen_overrides("gpt", tok, tmp_path / "data") + ["trainer.max_steps=2"],
                          tmp_path / "gen"))
     model, tokenizer, config = load_generator(tmp_path / "gen")
-    assert config["tokenizer"]["hash"] == token_cache.tokenizer_hash(tok)
+    assert config["tokenizer"]["hash"] == run_hash(tok)
     from_ckpt, _, _ = load_generator(tmp_path / "gen" / "checkpoints" / "last.ckpt")  # EMA weights of the .ckpt
     for (k, a), b in zip(model.state_dict().items(), from_ckpt.state_dict().values()):
         assert torch.equal(a, b), k

@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import TINY, compose_config, run_entry
-from utils.checkpoint import CheckpointError, atomic_replace, resolve_checkpoint
+from utils.checkpoint import CheckpointError, atomic_replace
+from utils.runs import load_run, read_checkpoint
 
 RUN = TINY + ["trainer.max_steps=12", "callbacks.last_checkpoint.every_n_train_steps=5",
               "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null", "callbacks.progress_bar=null"]
@@ -78,21 +79,19 @@ def test_sample_without_ckpt_says_so():
 
 def test_wrong_kind_missing_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        resolve_checkpoint(tmp_path / "nope")
+        read_checkpoint(tmp_path / "nope")
     run = tmp_path / "gen"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"kind": "generator"}))
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))
-    from sample import load_tokenizer
-
-    with pytest.raises(CheckpointError, match="generator checkpoint"):
-        load_tokenizer(str(run))
+    with pytest.raises(CheckpointError, match="is a generator run, not a tokenizer run"):
+        load_run(str(run), "tokenizer")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
-        resolve_checkpoint(bad)
+        read_checkpoint(bad)
 
 
 class Evil:
@@ -103,7 +102,7 @@ def test_loading_never_unpickles_objects(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}, "payload": Evil()}, path)
     with pytest.raises(CheckpointError, match="cannot read"):
-        resolve_checkpoint(path)
+        read_checkpoint(path)
 
 
 def test_resume_with_other_settings_names_them(tmp_path):

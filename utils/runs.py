@@ -200,12 +200,13 @@ def load_weights(model: torch.nn.Module, state: dict, path) -> None:
 # -- the loader -------------------------------------------------------------------------------------
 def load_run(path: str | Path, kind: str | None = None, device: torch.device | str = "cpu",
              expected_hash: str | None = None, tokenizer_path: str | Path | None = None,
-             exported: bool = False, role: str | None = None) -> Run:
+             exported: bool = False, role: str | None = None, used_by: str | None = None) -> Run:
     """Load a run (frozen, eval mode) from its folder or a file in it; see the module docstring.
 
     kind: the kind needed (None = any). expected_hash: the hash a dependent run recorded (implies exported).
     tokenizer_path: a generator's tokenizer run when it moved (its hash must still match). exported: refuse a
-    run that has not written model.safetensors + config.yaml. role: names the argument in errors.
+    run that has not written model.safetensors + config.yaml. role: names the argument in errors; used_by: the kind
+    of the run that recorded expected_hash.
     """
     config, state, folder, file = read_checkpoint(path)
     got = check_kind(config, kind, path, role)
@@ -219,9 +220,10 @@ def load_run(path: str | Path, kind: str | None = None, device: torch.device | s
     if is_exported(folder):
         digest = run_hash(folder)
     if expected_hash is not None and digest != expected_hash:
-        raise CheckpointError(f"the {got} run {folder} changed since the run that uses it was trained on it (hash "
-                              f"{expected_hash[:12]}, now {digest[:12]}): its codes no longer mean what that run "
-                              "learned. Restore that run, or train the dependent run again on this one")
+        user = used_by or "run that uses it"
+        raise CheckpointError(f"the {got} run {folder} changed since the {user} was trained on it (hash "
+                              f"{expected_hash[:12]}, now {digest[:12]}): its codes no longer mean what the {user} "
+                              f"learned. Restore that {got} run, or train the {user} again on this one")
     model = build_model(got, config)
     load_weights(model, state, file)
     model = model.to(device).eval().requires_grad_(False)
@@ -239,4 +241,5 @@ def load_tokenizer_of(config: dict, path, device, tokenizer_path=None) -> Run:
         raise CheckpointError(f"the tokenizer run this {config.get('kind')} was trained on ({where}) is missing; "
                               f"{path} cannot turn its codes into images without it (moved? pass "
                               "tokenizer_ckpt=<its new folder>)")
-    return load_run(where, "tokenizer", device, expected_hash=tok.get("hash"), role="tokenizer_ckpt")
+    return load_run(where, "tokenizer", device, expected_hash=tok.get("hash"), role="tokenizer_ckpt",
+                    used_by=config.get("kind"))
