@@ -285,6 +285,16 @@ def test_loading_a_generator_whose_tokenizer_is_missing_or_changed(tmp_path):
     from_ckpt, _, _ = load_generator(tmp_path / "gen" / "checkpoints" / "last.ckpt")  # EMA weights of the .ckpt
     for (k, a), b in zip(model.state_dict().items(), from_ckpt.state_dict().values()):
         assert torch.equal(a, b), k
+    # README's Python API block runs as written on these two runs
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = block.replace('"outputs/tokenizer/<time>"', repr(str(tok))).replace('"outputs/generator/<time>"',
+                                                                               repr(str(tmp_path / "gen")))
+    api: dict = {}
+    exec(compile(block, "README.md", "exec"), api)  # noqa: S102 - our own README
+    assert api["recon"].shape == api["images"].shape and api["samples"].shape == (4, 1, SIZE, SIZE)
+    assert api["gen"].tokenizer.hash == run_hash(tok) and api["tok"].hash == run_hash(tok)
+
     perturb_weights(tok)
     with pytest.raises(CheckpointError, match="changed since the generator was trained"):
         load_generator(tmp_path / "gen")

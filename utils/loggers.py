@@ -3,7 +3,7 @@
 Lightning's CSVLogger deletes csv/metrics.csv when it starts in a folder that has one, TensorBoard appends
 a second stream that repeats the steps after the checkpoint, and WandbLogger starts a new run. A resumed
 tokar run instead keeps the CSV rows logged before its checkpoint's step, purges TensorBoard's events from
-that step on, and reopens the same wandb run (its id is derived from the run folder). Loggers flush at every
+that step on, and reopens the same wandb run (its id is derived from the run folder). Loggers flush after every
 checkpoint, so a kill loses no row the checkpoint already covers.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ from utils.io import atomic_replace
 
 
 def checkpoint_step(ckpt: dict) -> int:
-    """The logging step a checkpoint resumes at (Lightning's `_batches_that_stepped`, else its global step)."""
+    """The first logging step of a run resumed from `ckpt`: Lightning saves `_batches_that_stepped` before it
+    counts the batch being checkpointed and adds that 1 back on restart (training_epoch_loop.reset)."""
     try:
-        return int(ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"])
+        return int(ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]) + 1
     except (KeyError, TypeError):
         return int(ckpt.get("global_step", 0))
 
@@ -79,8 +80,18 @@ def keep_csv_history(logger, resume_step: int) -> None:
 
 
 class FlushLogsOnCheckpoint(L.Callback):
-    """Writes the loggers' buffered rows whenever a checkpoint is saved: a kill then loses none it covers."""
+    """Writes the loggers' buffered rows once a checkpoint's step is logged: a kill then loses no row the
+    checkpoint covers. (Lightning logs a step's row after the callbacks that save at that step, so the flush
+    waits for the next batch to start.)"""
+
+    def __init__(self):
+        self.pending = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        for lg in trainer.loggers:
-            lg.save()
+        self.pending = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.pending:
+            for lg in trainer.loggers:
+                lg.save()
+            self.pending = False
