@@ -97,3 +97,32 @@ def test_atomic_writes_get_an_ordinary_files_mode_and_leave_recognisable_temp_fi
     (tmp_path / "last.ckpt").write_bytes(b"whole")
     (tmp_path / "notes.tmp").write_bytes(b"a user's file")
     assert [p.name for p in stale_temp_files(tmp_path)] == [".best.ckpt.a1b2c3.tmp"]
+
+
+def test_resumed_loggers_continue_their_history(tmp_path):
+    """Issue 15.1: TensorBoard drops the events after the checkpoint's step instead of repeating them, and wandb
+    reopens the same run (an id fixed by the run folder)."""
+    from omegaconf import OmegaConf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from utils.loggers import instantiate_loggers, resume_kwargs
+
+    node = {"tb": {"_target_": "lightning.pytorch.loggers.TensorBoardLogger", "save_dir": str(tmp_path),
+                   "name": "tensorboard", "version": ""}}
+    cfg = OmegaConf.create(node)
+    (first,) = instantiate_loggers(cfg, tmp_path, None)
+    for step in range(6):  # logged before a kill: steps 4 and 5 come after the checkpoint (resume at 4)
+        first.log_metrics({"x": float(step)}, step=step)
+    first.finalize("killed")
+    (again,) = instantiate_loggers(cfg, tmp_path, 4)
+    for step in range(4, 8):
+        again.log_metrics({"x": 10.0 + step}, step=step)
+    again.finalize("success")
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("x")
+    assert [(e.step, e.value) for e in events] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0),
+                                                  (6, 16.0), (7, 17.0)]
+
+    wandb = OmegaConf.create({"_target_": "lightning.pytorch.loggers.WandbLogger", "id": None})
+    same = resume_kwargs(wandb, tmp_path / "run", None), resume_kwargs(wandb, tmp_path / "run", 4)
+    assert same[0]["id"] == same[1]["id"] and same[0]["resume"] == "allow"
+    assert resume_kwargs(wandb, tmp_path / "other", None)["id"] != same[0]["id"]
