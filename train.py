@@ -4,7 +4,7 @@
     python train.py task=generator generator=var tokenizer_ckpt=outputs/tokenizer/<time> [key=value ...]
 
 Everything lands in outputs/<task>/<time>/: checkpoints/{best,last}.ckpt, model.safetensors (EMA
-weights), config.yaml, metrics.json and samples/. Resume a killed run with ckpt_path=<last.ckpt>.
+weights), config.yaml, metrics.json and samples/. Resume a killed run with ckpt_path=<its run folder>.
 A generator first encodes the data once with the tokenizer run into a token cache
 (data/token_cache.py, under ${paths.data_dir}/token_cache/) and then trains on the codes.
 """
