@@ -108,9 +108,11 @@ def test_progress_bar_refreshes_every_step(tmp_path):
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
-    """(script, arguments) of every `python train.py|sample.py ...` line in README.md, as bash would split them."""
+    """(script, arguments) of every `python train.py|sample.py ...` line of README.md's bash blocks, split as bash
+    would split them."""
     out = []
-    for line in (ROOT / "README.md").read_text().splitlines():
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    for line in "\n".join(blocks).splitlines():
         found = re.search(r"python (train|sample)\.py(.*)", line)
         if found:
             args = shlex.split(found.group(2).split("#")[0].replace("$HOME", os.environ.get("HOME", "/root")))

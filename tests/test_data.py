@@ -251,3 +251,18 @@ def test_waits_show_progress_bars(tmp_path, capfd):
     build_cache(tok.model, Synthetic("train", size=8, image_size=16, channels=1), tmp_path / "c.safetensors", "raster",
                 batch_size=4)
     assert "encoding" in capfd.readouterr().err
+
+
+def test_the_test_metrics_label_says_which_images_were_scored(tmp_path):
+    """Issue 15.6: the protocol label of a flat folder's test metrics names the held-out images."""
+    from omegaconf import OmegaConf
+
+    from data.datamodule import ImageDataModule
+    from train import scored_images
+
+    for i in range(10):
+        _write(tmp_path / f"{i}.png", size=(8, 8))
+    dm = ImageDataModule(name="image_folder", root=str(tmp_path), image_size=8, channels=3)
+    dm.setup("test")
+    cfg = OmegaConf.create({"data": {"name": "image_folder", "test_split": "test"}})
+    assert "the 1 held-out images (0.1) of the 10" in scored_images(cfg, dm)
