@@ -258,9 +258,9 @@ def run(cfg: DictConfig, out: Path) -> dict:
     else:
         raise CheckpointError(f"{cfg.ckpt} is a {kind} checkpoint; sample.py handles: tokenizer, generator")
     atomic_replace(lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)), out / "metrics.json")
-    written = [("metrics", out / "metrics.json")] + [(name, Path(result[key])) for name, key in
-                                                      (("samples", "samples_dir"), ("reconstructions",
-                                                       "reconstructions_dir")) if result.get(key)]
+    folders = (("samples", (result.get("fid") or {}).get("samples_dir")),
+               ("reconstructions", result.get("reconstructions_dir")))
+    written = [("metrics", out / "metrics.json")] + [(name, path) for name, path in folders if path]
     print("\n".join(f"{name:<15}: {path}" for name, path in written), flush=True)
     return result
 

@@ -363,7 +363,7 @@ class CountingFID:
         return float(sum(x.shape[0] for x in self.images))
 
 
-def test_fid_at_the_end_of_training_and_in_sample_py(tok_runs, tmp_path, monkeypatch):
+def test_fid_at_the_end_of_training_and_in_sample_py(tok_runs, tmp_path, monkeypatch, capsys):
     import generators.module as gm
     from sample import run
     from train import train
@@ -385,6 +385,8 @@ def test_fid_at_the_end_of_training_and_in_sample_py(tok_runs, tmp_path, monkeyp
     pngs = sorted((tmp_path / "sample" / "samples").glob("*.png"))
     assert len(pngs) == 8 and [p.name.split("class")[1] for p in pngs[:4]] == ["0.png", "1.png", "2.png", "3.png"]
     assert json.loads((tmp_path / "sample" / "metrics.json").read_text())["fid"]["num_samples"] == 8
+    printed = capsys.readouterr().out  # issue 15.17: where the outputs are
+    assert f"{tmp_path / 'sample' / 'metrics.json'}" in printed and f"{tmp_path / 'sample' / 'samples'}" in printed
 
 
 @pytest.mark.slow
