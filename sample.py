@@ -25,15 +25,29 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from utils.checkpoint import (CheckpointError, atomic_replace, expect_kind, load_generator, load_tokenizer,  # noqa: F401
-                              load_weights, resolve_checkpoint)
-from utils.hydra import register_resolvers
+from utils.checkpoint import CheckpointError, atomic_replace
+from utils.hydra import check_command_line, check_ranges, register_resolvers
+from utils.progress import progress
+from utils.runs import load_generator, load_run, read_checkpoint  # noqa: F401 (load_generator: the Python API)
 from utils.timing import Stopwatch
 
 log = logging.getLogger("tokar")
 # Lightning noise that says nothing about the run: the EMA copy is meant to stay in eval mode.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+# what a sample.py run writes into its folder (a folder holding any of them belongs to another run)
+OUTPUTS = ("metrics.json", "grid.png", "reconstructions.png", "samples", "reconstructions")
+NEEDS_CKPT = ("sample.py needs a checkpoint: python sample.py ckpt=<run folder (outputs/<task>/<time>), .ckpt or "
+              "model.safetensors>  (python sample.py --help lists every setting)")
+# (low, low inclusive, high, high inclusive) per key; null values mean "the run's own default"
+SAMPLE_RANGES = {"batch_size": (1, True, None, False), "num_images": (1, True, None, False),
+                 "grid_images": (0, True, None, False), "samples_per_class": (1, True, None, False),
+                 "temperature": (0, False, None, False), "top_k": (0, True, None, False),
+                 "top_p": (0, False, 1, True), "cfg_scale": (0, True, None, False), "num_steps": (1, True, None, False),
+                 "guidance_until": (0, True, 1, True), "fid.num_samples": (0, True, None, False),
+                 "fid.reference_images": (2, True, None, False)}
 
 
 def pick_device(name: str) -> torch.device:
@@ -46,23 +60,27 @@ def pick_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def reconstruct(cfg: DictConfig, out: Path) -> dict:
+    from data.image_folder import save_images
     from data.registry import load_split
     from evaluation.reconstruction import PSNR, SSIM
     from tokenizers.module import save_reconstruction_grid
 
     device = pick_device(cfg.device)
-    model, config = load_tokenizer(cfg.ckpt, device)
+    run = load_run(cfg.ckpt, "tokenizer", device, role="ckpt")
+    model, config = run.model, run.config
     data = config["data"]
     ds = load_split(data["name"], cfg.split, data["image_size"], **(data.get("settings") or {}))
     n = min(int(cfg.num_images), len(ds))
     psnr, ssim = PSNR().to(device), SSIM().to(device)
-    grid, fakes = None, []
+    grid, fakes, saved = None, [], 0
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=cfg.batch_size)
-    for images, _ in loader:
+    for images, _ in progress(loader, "reconstructing"):
         images = images.to(device)
         recon = model.decode(model.encode(images)).clamp(-1, 1)  # (B, C, H, W) through the discrete codes
         psnr.update(recon, images)
         ssim.update(recon, images)
+        if cfg.save_reconstructions:  # PNGs in split order, for python -m evaluation.fid
+            saved += len(save_images(recon, out / "reconstructions", start=saved))
         if cfg.rfid:
             fakes.append(recon.cpu())
         if grid is None:
@@ -71,6 +89,8 @@ def reconstruct(cfg: DictConfig, out: Path) -> dict:
     result = {"kind": "tokenizer", "ckpt": str(cfg.ckpt), "psnr": float(psnr.compute()),
               "ssim": float(ssim.compute()), "num_images": n, "grid": str(grid),
               "protocol": f"per-image PSNR/SSIM on uint8, first {n} images of {data['name']}:{cfg.split}"}
+    if cfg.save_reconstructions:
+        result["reconstructions_dir"] = str(out / "reconstructions")
     print(f"grid: {grid}\nPSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} over {n} {data['name']}:{cfg.split} "
           "images", flush=True)
     if cfg.rfid:
@@ -108,7 +128,8 @@ def shared_output_dir(out: Path, world: int) -> Path:
 def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     """Grid + speed (rank 0) and, with fid.num_samples > 0, the FID over all ranks; the result on rank 0."""
     from decoding.registry import get_decoder
-    from generators.module import decode_tokens, describe_sampling, generator_fid, sampling_config, save_class_grid
+    from generators.module import (class_names, decode_tokens, describe_sampling, generator_fid, sampling_config,
+                                   save_class_grid)
 
     rank, world = distributed()
     device = pick_device(cfg.device)
@@ -141,14 +162,14 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
                 decoder.run(model, labels[: min(len(labels), 2)], sampling, torch.Generator(device=device), tokenizer,
                             settings)
             images, t_gen, t_dec, forwards = [], 0.0, 0.0, None
-            for i in range(0, len(labels), int(cfg.batch_size)):
+            for i in progress(range(0, len(labels), int(cfg.batch_size)), "sampling the grid"):
                 y = labels[i:i + int(cfg.batch_size)]
                 with Stopwatch(device) as sw_gen:
                     tokens, stats = decoder.run(model, y, sampling, g, tokenizer, settings)
                 with Stopwatch(device) as sw_dec:
                     images.append(decode_tokens(model, tokenizer, tokens, info))
                 t_gen, t_dec, forwards = t_gen + sw_gen.seconds, t_dec + sw_dec.seconds, stats["forward_passes"]
-        grid = save_class_grid(torch.cat(images), per_class, out / "grid.png")
+        grid = save_class_grid(torch.cat(images), per_class, out / "grid.png", class_names(data, classes))
         n = len(labels)
         speed = {"images": n, "batch_size": min(n, int(cfg.batch_size)), "generate_seconds": round(t_gen, 4),
                  "decode_seconds": round(t_dec, 4), "images_per_s": n / t_gen, "images_per_s_with_decode":
@@ -179,8 +200,26 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     return result if rank == 0 else None
 
 
+def check_fresh_output(out: Path) -> None:
+    """No sample.py run overwrites another's outputs: a folder that holds them is refused (rank 0 checks)."""
+    if int(os.environ.get("RANK", 0)):
+        return
+    clash = [name for name in OUTPUTS if (out / name).exists()]
+    if clash:
+        raise FileExistsError(f"{out} already holds the outputs of an earlier run ({', '.join(clash)}); sample.py "
+                              "never overwrites them: pass another hydra.run.dir, or leave it unset for a new "
+                              "outputs/sample/<time>/ folder")
+
+
+def check_sample_config(cfg: DictConfig) -> None:
+    """A ValueError naming a setting out of its range."""
+    check_ranges(cfg, SAMPLE_RANGES)
+
+
 def run(cfg: DictConfig, out: Path) -> dict:
-    config, _, _ = resolve_checkpoint(cfg.ckpt)
+    check_sample_config(cfg)
+    check_fresh_output(out)
+    config, _, _, _ = read_checkpoint(cfg.ckpt)
     kind = config.get("kind")
     if kind == "tokenizer":
         result = reconstruct(cfg, out)
@@ -192,6 +231,10 @@ def run(cfg: DictConfig, out: Path) -> dict:
     else:
         raise CheckpointError(f"{cfg.ckpt} is a {kind} checkpoint; sample.py handles: tokenizer, generator")
     atomic_replace(lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)), out / "metrics.json")
+    folders = (("samples", (result.get("fid") or {}).get("samples_dir")),
+               ("reconstructions", result.get("reconstructions_dir")))
+    written = [("metrics", out / "metrics.json")] + [(name, path) for name, path in folders if path]
+    print("\n".join(f"{name:<15}: {path}" for name, path in written), flush=True)
     return result
 
 
@@ -199,15 +242,31 @@ def run(cfg: DictConfig, out: Path) -> dict:
 def main(cfg: DictConfig) -> None:
     register_resolvers()
     if OmegaConf.is_missing(cfg, "ckpt"):
-        raise SystemExit("sample.py needs a checkpoint: python sample.py ckpt=<run folder (outputs/<task>/<time>), "
-                         ".ckpt or model.safetensors>")
+        raise SystemExit(NEEDS_CKPT)
     torch.manual_seed(cfg.seed)
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except BaseException:
+        log.exception("sample.py failed")  # into the run's log file, not only the terminal
+        raise
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
+def check_sample_command_line(argv: list[str]) -> None:
+    """--help, and the command line composed and range-checked before Hydra makes an output folder."""
+    import sys
+
+    if not any(a.startswith("-") for a in argv) and not any(a.startswith("ckpt=") for a in argv):
+        sys.exit(NEEDS_CKPT)
+    keys = (Path(__file__).parent / "configs" / "sample.yaml").read_text().split("ckpt: ???", 1)[1]
+    intro = (__doc__ or "").strip() + "\n\nKeys (configs/sample.yaml):\nckpt: ???" + keys.rstrip()
+    check_command_line("sample", argv, intro, check_sample_config)
+
+
 if __name__ == "__main__":
+    import sys
+
+    check_sample_command_line(sys.argv[1:])
     main()

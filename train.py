@@ -4,7 +4,7 @@
     python train.py task=generator generator=var tokenizer_ckpt=outputs/tokenizer/<time> [key=value ...]
 
 Everything lands in outputs/<task>/<time>/: checkpoints/{best,last}.ckpt, model.safetensors (EMA
-weights), config.yaml, metrics.json and samples/. Resume a killed run with ckpt_path=<last.ckpt>.
+weights), config.yaml, metrics.json and samples/. Resume a killed run with ckpt_path=<its run folder>.
 A generator first encodes the data once with the tokenizer run into a token cache
 (data/token_cache.py, under ${paths.data_dir}/token_cache/) and then trains on the codes.
 """
@@ -28,7 +28,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from data.registry import content_settings
 from utils.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_replace, export_run
-from utils.hydra import instantiate_dict, register_resolvers
+from utils.hydra import check_command_line, check_ranges, instantiate_dict, register_resolvers
+from utils.io import stale_temp_files
+from utils.loggers import FlushLogsOnCheckpoint, checkpoint_step, instantiate_loggers
+from utils.runs import load_run, resume_checkpoint, torch_checkpoint
 
 log = logging.getLogger("tokar")
 # Lightning noise that says nothing about the run: the EMA copy is meant to stay in eval mode.
@@ -36,9 +39,29 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 # Our manual-optimization checkpoints are meant to hold the state after the step (batches_seen counts it).
 warnings.filterwarnings("ignore", message=r".*Using ModelCheckpoint with manual optimization.*")
+# Resuming mid-epoch, Lightning warns that the dataloader "is not resumable" (it looks for a state_dict on the
+# loader). tokar's resume is exact without one: data.datamodule.ResumableSampler restarts at the batch the
+# checkpoint's batches_seen counts (tests/test_train.py checks the resumed weights equal the uninterrupted run's).
+warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
 TASKS = ("tokenizer", "generator")
-# (best.ckpt monitor, its mode, the metric main() returns to a sweeper) by task
-TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss")}
+HELP = """python train.py task=<task> [group=option ...] [key=value ...]: train a tokar model.
+
+Tasks:
+  task=tokenizer  a visual tokenizer (images -> codes -> images), trained on data=...
+                    python train.py task=tokenizer tokenizer=fsq data=fashion_mnist
+  task=generator  a class-conditional generator of a finished tokenizer run's codes
+                    python train.py task=generator generator=var tokenizer_ckpt=outputs/tokenizer/<time>
+                  (generator=var needs tokenizer=msvq, flowar tokenizer=kl, gpt a single-scale discrete one)
+Resume a killed run:  python train.py ckpt_path=outputs/<task>/<time>   (its folder or checkpoints/last.ckpt)
+Outputs: outputs/<task>/<time>/: checkpoints/, model.safetensors + config.yaml, metrics.json, csv/metrics.csv"""
+# the values a run cannot use, checked before anything is created: (low, low inclusive, high, high inclusive)
+TRAIN_RANGES = {"data.image_size": (1, True, None, False), "data.channels": (1, True, 4, False),
+                "data.batch_size": (1, True, None, False), "data.eval_batch_size": (1, True, None, False),
+                "data.num_workers": (0, True, None, False), "data.size": (1, True, None, False),
+                "trainer.max_steps": (-1, True, None, False), "trainer.log_every_n_steps": (1, True, None, False),
+                "trainer.limit_val_batches": (0, True, None, False)}
+# the monitor of each task's configs/task/<task>.yaml: an experiment that sets the `task` key instead of the group
+TASK_MONITOR = {"tokenizer": "val/psnr", "generator": "val/loss"}
 RESUME_KEYS = {"tokenizer": ("quantizer", "autoencoder"), "generator": ("name", "model")}
 
 
@@ -92,12 +115,32 @@ def check_fresh_or_resuming(out: Path, ckpt_path: str | None) -> None:
                               f"ckpt_path={existing[0]} or start a new run folder")
 
 
+def check_train_config(cfg: DictConfig) -> None:
+    """A ValueError naming the setting a run cannot use: an unknown task, a value out of range."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task} is not available; choose one of {', '.join(TASKS)}")
+    others = {m: t for t, m in TASK_MONITOR.items() if t != cfg.task}
+    if cfg.monitor.metric in others:
+        raise ValueError(f"task={cfg.task} with monitor.metric={cfg.monitor.metric} (task={others[cfg.monitor.metric]}"
+                         f"'s metric): select the task with the task group (task={cfg.task}, in an experiment "
+                         f"`- override /task: {cfg.task}`), not the `task` key alone")
+    check_ranges(cfg, TRAIN_RANGES)
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Delete the temp files a killed write left in the run folder (never a finished file: those have no .tmp)."""
+    if int(os.environ.get("RANK", 0)):  # rank 0 owns the run folder
+        return
+    for folder in (out, out / "checkpoints"):
+        for tmp in stale_temp_files(folder):
+            log.warning("removing %s, left by a write that was killed", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 def check_resume_compatible(ckpt_path: str, config: dict) -> None:
     """A resumed checkpoint must be of the same kind and model settings as the config."""
-    p = Path(ckpt_path)
-    if not p.exists():
-        raise CheckpointError(f"ckpt_path={p} does not exist")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    p = resume_checkpoint(ckpt_path)
+    ckpt = torch_checkpoint(p)
     old = ckpt.get("hyper_parameters", {}).get("config")
     if old is None:
         raise CheckpointError(f"{p} is not a tokar checkpoint (no hyper_parameters.config)")
@@ -115,17 +158,6 @@ def check_resume_compatible(ckpt_path: str, config: dict) -> None:
                               f" differ); resume with the run's own config.yaml settings")
 
 
-def task_defaults(cfg: DictConfig) -> None:
-    """Point best.ckpt's monitor and the sweeper metric at the task's own metric when left at another task's default."""
-    metric, mode, optimized = TASK_MONITOR[cfg.task]
-    others = {m for t, (m, _, _) in TASK_MONITOR.items() if t != cfg.task}
-    with open_dict(cfg):
-        if cfg.monitor.metric in others:
-            cfg.monitor.metric, cfg.monitor.mode = metric, mode
-        if cfg.get("optimized_metric") in {o for t, (_, _, o) in TASK_MONITOR.items() if t != cfg.task}:
-            cfg.optimized_metric = optimized
-
-
 def schedule_steps(cfg: DictConfig, datamodule) -> int:
     """The schedule's length: trainer.max_steps, or max_epochs x batches per epoch when max_steps <= 0."""
     max_steps = int(cfg.trainer.max_steps)
@@ -140,7 +172,8 @@ def prepare_tokenizer_task(cfg: DictConfig, out: Path):
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-                 "num_classes": datamodule.num_classes, "settings": content_settings(cfg.data.name, datamodule.kwargs)}
+                 "num_classes": datamodule.num_classes, "class_names": datamodule.class_names,
+                 "settings": content_settings(cfg.data.name, datamodule.kwargs)}
     config = {"kind": cfg.task, cfg.task: OmegaConf.to_container(cfg[cfg.task], resolve=True), "data": data_info,
               "total_steps": schedule_steps(cfg, datamodule)}
     if cfg.get("ckpt_path"):
@@ -155,7 +188,7 @@ def init_generator_weights(module, config: dict, source) -> None:
 
     The source must read the same tokenizer and data and have the same architecture (model and model_args).
     """
-    from utils.checkpoint import CheckpointError, check_same_tokenizer, load_generator
+    from utils.runs import check_same_tokenizer, load_generator
 
     src, _, sconfig = load_generator(source, "cpu")
     check_same_tokenizer(config, sconfig, "generator.init_from", "this run", source)
@@ -170,7 +203,7 @@ def init_generator_weights(module, config: dict, source) -> None:
 
 def prepare_generator_task(cfg: DictConfig, out: Path):
     """(datamodule, config, model) of task=generator: load the tokenizer run, check the pairing, build the caches."""
-    from data.token_cache import TokenDataModule, layout_of, load_tokenizer_run, prepare_token_caches, read_metadata
+    from data.token_cache import TokenDataModule, layout_of, prepare_token_caches, read_metadata
     from generators.module import GeneratorModule, check_pairing, count_parameters, generator_class, model_args
 
     if not cfg.get("tokenizer_ckpt"):
@@ -183,7 +216,7 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
     # each rank on its own GPU (LOCAL_RANK: Lightning's, torchrun's and SLURM's launchers set it)
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) if on_cuda
               else torch.device("cpu"))
-    run = load_tokenizer_run(cfg.tokenizer_ckpt, device)
+    run = load_run(cfg.tokenizer_ckpt, "tokenizer", device, exported=True, role="tokenizer_ckpt")
     check_pairing(gen, run.model.quantizer, cfg.tokenizer_ckpt)
     tok_channels = run.config["data"]["channels"]
     if int(cfg.data.channels) != int(tok_channels):
@@ -203,7 +236,8 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
                                  test_split=cfg.data.val_split, seed=cfg.data.seed)
     num_classes = int(meta["num_classes"])
     data_info = {"name": cfg.data.name, "image_size": int(cfg.data.image_size), "channels": int(cfg.data.channels),
-                 "num_classes": num_classes, "settings": content_settings(cfg.data.name, images.kwargs)}
+                 "num_classes": num_classes, "class_names": images.class_names,
+                 "settings": content_settings(cfg.data.name, images.kwargs)}
     generator_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
     image_size = int(cfg.data.image_size)
     token_shape = run.model.token_shape(image_size)
@@ -228,22 +262,26 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the task's model from a composed config; returns (metrics, objects)."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task} is not available; choose one of {', '.join(TASKS)}")
-    task_defaults(cfg)
+    check_train_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     out = output_dir_of(cfg)
     pin_run_dir(out)
+    resume_step = None
+    if cfg.get("ckpt_path"):  # a run folder resumes its checkpoints/last.ckpt
+        with open_dict(cfg):
+            cfg.ckpt_path = str(resume_checkpoint(cfg.ckpt_path))
+        resume_step = checkpoint_step(torch_checkpoint(cfg.ckpt_path))
     check_fresh_or_resuming(out, cfg.get("ckpt_path"))
+    remove_stale_temp_files(out)
     log.info("output folder: %s", out)
 
     prepare = prepare_generator_task if cfg.task == "generator" else prepare_tokenizer_task
     datamodule, config, model = prepare(cfg, out)
-    callbacks = instantiate_dict(cfg.get("callbacks"), "callback")
+    callbacks = instantiate_dict(cfg.get("callbacks"), "callback") + [FlushLogsOnCheckpoint()]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
-    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    loggers = instantiate_loggers(cfg.get("logger"), out, resume_step)
     log.info("instantiating trainer <%s>", cfg.trainer._target_)
     strategy = strategy_of(cfg, model)
     trainer: L.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False,
@@ -266,8 +304,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             results = trainer.test(model, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
         summary.update(tokenizer=config["tokenizer"].get("name"), grid=getattr(model, "last_grid", None),
-                       protocol=f"per-image PSNR/SSIM on uint8, usage/perplexity over the whole {cfg.data.test_split} "
-                                f"split of {cfg.data.name} ({data_info['image_size']}px), EMA weights")
+                       protocol=f"per-image PSNR/SSIM on uint8, usage/perplexity over {scored_images(cfg, datamodule)} "
+                                f"({data_info['image_size']}px), EMA weights")
     else:
         summary.update(generator=config["generator"]["name"], tokenizer=config["tokenizer"],
                        grid=model.last_grid,
@@ -289,6 +327,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     return metrics, {"model": model, "trainer": trainer, "datamodule": datamodule, "output_dir": out}
 
 
+def scored_images(cfg: DictConfig, datamodule) -> str:
+    """Which images the test metrics cover: the dataset's own description of its test split when it has one."""
+    described = getattr(datamodule.test_set, "description", None)
+    where = f"the whole {cfg.data.test_split} split of {cfg.data.name}"
+    return f"{where}: {described}" if described else where
+
+
 def print_summary(summary: dict, out: Path) -> None:
     m = summary["metrics"]
     lines = [f"run folder : {out}", f"metrics    : {out / 'metrics.json'}"]
@@ -308,9 +353,16 @@ def print_summary(summary: dict, out: Path) -> None:
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     register_resolvers()
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except BaseException:
+        log.exception("the run failed")  # into the run's log file, not only the terminal
+        raise
     return metrics.get(cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
+    import sys
+
+    check_command_line("train", sys.argv[1:], HELP, check_train_config)
     main()

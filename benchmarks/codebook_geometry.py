@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 def geometry(run: str, num_images: int = 2000, seed: int = 0) -> dict:
     from data.datamodule import ImageDataModule
     from tokenizers.vq import VQ
-    from utils.checkpoint import load_tokenizer
+    from utils.runs import load_run
 
-    model, config = load_tokenizer(run)
+    loaded = load_run(run, "tokenizer")
+    model, config = loaded.model, loaded.config
     q = model.quantizer
     if not isinstance(q, VQ):
         raise SystemExit(f"{run}: {type(q).__name__} is not a VQ codebook; this diagnosis is for tokenizer=vq*")

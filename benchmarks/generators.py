@@ -42,8 +42,8 @@ def load_yaml(path: Path) -> dict:
 
 
 def tokenizer_config(name: str) -> dict:
-    """configs/tokenizer/<name>.yaml over _autoencoder.yaml, at the demo width (ch 32, f4)."""
-    base = load_yaml(ROOT / "configs/tokenizer/_autoencoder.yaml")
+    """configs/tokenizer/<name>.yaml over configs/_shared/autoencoder.yaml, at the demo width (ch 32, f4)."""
+    base = load_yaml(ROOT / "configs/_shared/autoencoder.yaml")
     own = load_yaml(ROOT / f"configs/tokenizer/{name}.yaml")
     own.pop("defaults", None)
     for key, value in own.items():

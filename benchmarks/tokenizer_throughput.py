@@ -42,15 +42,10 @@ SECTION = "## Tokenizer throughput"
 
 def compose_config(overrides: list[str]):
     """The `train` config with experiment=demo (when it exists) plus overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import utils.hydra  # noqa: F401 - registers the run_dir resolver
+    from utils.hydra import compose_with_hydra
 
     base = ["experiment=demo"] if (ROOT / "configs" / "experiment" / "demo.yaml").exists() else []
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=base + list(overrides)), base + list(overrides)
+    return compose_with_hydra("train", base + list(overrides)), base + list(overrides)
 
 
 class Bench:

@@ -39,14 +39,16 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, name: str = "fashion_mnist", image_size: int = 32, channels: int = 1, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 0, val_split: str = "test",
                  test_split: str = "test", seed: int = 0, root: str | None = None, download: bool = False,
-                 strict: bool = False, num_classes: int | None = None, size: int | None = None):
+                 strict: bool = False, num_classes: int | None = None, size: int | None = None,
+                 holdout: float | None = None):
         super().__init__()
         self.name, self.image_size, self.channels = name, image_size, channels
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.val_split, self.test_split = val_split, test_split
         self.kwargs = {k: v for k, v in dict(root=root, download=download, strict=strict, channels=channels,
-                                             num_classes=num_classes, size=size).items() if v is not None}
+                                             num_classes=num_classes, size=size, holdout=holdout).items()
+                       if v is not None}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -65,6 +67,12 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         ds = self.train_set or self.split("train")
         return int(getattr(ds, "num_classes", 1))
+
+    @property
+    def class_names(self) -> list[str]:
+        """The training split's class names (Fashion-MNIST's, CIFAR-10's, an image folder's subfolders), or []."""
+        ds = self.train_set or self.split("train")
+        return [str(c) for c in (getattr(ds, "classes", None) or [])]
 
     def setup(self, stage: str | None = None) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1

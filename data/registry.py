@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 DATASETS = ("fashion_mnist", "cifar10", "image_folder", "synthetic")
 # the settings that change which images a split holds (download / strict only change how they are found)
-CONTENT_KEYS = {"fashion_mnist": (), "cifar10": (), "image_folder": ("root", "channels"),
+CONTENT_KEYS = {"fashion_mnist": (), "cifar10": (), "image_folder": ("root", "channels", "holdout"),
                 "synthetic": ("size", "channels", "num_classes", "seed")}
 
 
@@ -48,7 +48,7 @@ def load_split(name: str, split: str, image_size: int | None = None, **kwargs) -
 
         if not kwargs.get("root"):
             raise ValueError("data=image_folder needs data.root=<folder of images>")
-        allowed = {k: kwargs[k] for k in ("root", "channels", "strict") if k in kwargs}
+        allowed = {k: kwargs[k] for k in ("root", "channels", "strict", "holdout") if k in kwargs}
         return ImageFolder(split=split, image_size=image_size or 32, **allowed)
     if name == "synthetic":
         from data.synthetic import Synthetic

@@ -2,7 +2,7 @@
 
 A cache file is ``<data_dir>/token_cache/<dataset>/<split>_<size>px_<data key>_<tokenizer hash>.safetensors``
 holding ``codes`` and ``labels`` (N,) plus string metadata. The tokenizer hash is the sha256 of the run's
-model.safetensors and config.yaml, so a retrained or edited tokenizer gets a new file (old ones stay until
+model.safetensors and config.yaml (``utils.runs.run_hash``), so a retrained or edited tokenizer gets a new file (old ones stay until
 deleted). Layouts, by what the generator reads:
 
 - ``raster`` (GPT, single-scale discrete tokenizers): codes (N, h*w) int32 in raster order.
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from data.datamodule import ImageDataModule
 from data.registry import data_key
-from utils.checkpoint import CheckpointError, atomic_replace, expect_kind, load_tokenizer
+from utils.io import atomic_replace
+from utils.progress import progress
+from utils.runs import Run
 
 log = logging.getLogger("tokar")
 
@@ -43,58 +43,6 @@ LAYOUTS = ("raster", "multiscale", "latent")
 #################################################################################
 #                              Tokenizer runs                                   #
 #################################################################################
-
-def tokenizer_run_dir(path: str | Path) -> Path:
-    """The run folder (holding model.safetensors + config.yaml) of a tokenizer run, its files or a .ckpt in it."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-    if not p.exists():
-        raise CheckpointError(f"tokenizer run {p} does not exist; pass tokenizer_ckpt=<tokenizer run folder> "
-                              "(outputs/tokenizer/<time>)")
-    missing = [n for n in ("model.safetensors", "config.yaml") if not (p / n).is_file()]
-    if missing:
-        hint = (" It holds only checkpoints: the run did not finish; resume it (ckpt_path=.../last.ckpt) so it "
-                "exports its weights" if (p / "checkpoints").is_dir() else "")
-        raise CheckpointError(f"{p} is not a finished tokenizer run: {' and '.join(missing)} missing.{hint}")
-    return p.resolve()
-
-
-def tokenizer_hash(run_dir: str | Path) -> str:
-    """sha256 (hex) of a tokenizer run's model.safetensors followed by its config.yaml."""
-    h = hashlib.sha256()
-    for name in ("model.safetensors", "config.yaml"):
-        with open(Path(run_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-@dataclass
-class TokenizerRun:
-    """A loaded, frozen tokenizer with its run folder, config and hash."""
-
-    model: torch.nn.Module
-    config: dict
-    run_dir: Path
-    hash: str
-
-
-def load_tokenizer_run(path: str | Path, device: torch.device | str = "cpu",
-                       expected_hash: str | None = None) -> TokenizerRun:
-    """Load a tokenizer run (frozen, eval mode); with ``expected_hash`` check it is the one a generator used."""
-    run_dir = tokenizer_run_dir(path)
-    digest = tokenizer_hash(run_dir)
-    if expected_hash is not None and digest != expected_hash:
-        raise CheckpointError(f"the tokenizer run {run_dir} changed since the generator was trained on it (hash "
-                              f"{expected_hash[:12]}, now {digest[:12]}): its codes no longer mean what the generator "
-                              "learned. Restore that tokenizer, or train the generator again on this one")
-    from yaml import safe_load
-
-    expect_kind(safe_load((run_dir / "config.yaml").read_text()) or {}, "tokenizer", run_dir)
-    model, config = load_tokenizer(run_dir, device)
-    return TokenizerRun(model.requires_grad_(False), config, run_dir, digest)
-
 
 def layout_of(quantizer) -> str:
     """The cache layout a tokenizer's quantizer produces."""
@@ -172,7 +120,8 @@ def build_cache(tokenizer, dataset: Dataset, path: str | Path, layout: str, meta
             loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers,
                                 generator=torch.Generator())  # no draw from the global RNG
             codes, labels = [], []
-            for images, y in loader:
+            for images, y in progress(loader, f"encoding {path.parent.name}:{path.name.split('_')[0]} "
+                                               f"(chunk {c + 1}/{num_chunks})"):
                 codes.append(encode_batch(tokenizer, images.to(device), layout))
                 labels.append(torch.as_tensor(y, dtype=torch.int64))
             tensors = {"codes": torch.cat(codes).contiguous(), "labels": torch.cat(labels).contiguous()}
@@ -202,7 +151,7 @@ def read_metadata(path: str | Path) -> dict:
         return dict(f.metadata() or {})
 
 
-def prepare_token_caches(run: TokenizerRun, images: ImageDataModule, splits, cache_root: str | Path,
+def prepare_token_caches(run: Run, images: ImageDataModule, splits, cache_root: str | Path,
                          batch_size: int = 256, chunk_size: int = 4096, device: torch.device | str = "cpu") -> dict:
     """Build (or find) the cache of each split -> {split: path}. The train split comes first (latent scale)."""
     layout = layout_of(run.model.quantizer)

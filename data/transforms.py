@@ -6,9 +6,37 @@ import torch
 from PIL import Image
 
 
-def pil_to_tensor(img: Image.Image, image_size: int, channels: int) -> torch.Tensor:
-    """PIL image -> (C, S, S) float in [-1, 1]: resize the short side to S (bicubic), center-crop."""
-    img = img.convert("L" if channels == 1 else "RGB")
+class UnsupportedImageError(ValueError):
+    """An image whose PIL mode tokar cannot convert to 8-bit gray or RGB."""
+
+
+def to_8bit(img: Image.Image, channels: int, name: str = "image") -> Image.Image:
+    """Any PIL mode -> 8-bit 'L' (channels=1) or 'RGB' with the image's true value range.
+
+    16-bit gray (I;16, I;16B, I;16L, and I, as 16-bit PNG/TIFF load) is scaled from [0, 65535], float (F) from
+    [0, 1]; PIL's own convert would clip both at 255 (a white image). CMYK, palette (with transparency), LA,
+    RGBA and 16-bit RGB (which PIL reads as 8-bit RGB) go through PIL's conversion, alpha dropped.
+    """
+    mode = img.mode
+    target = "L" if channels == 1 else "RGB"
+    try:
+        if mode == "F" or mode == "I" or mode.startswith("I;16"):
+            peak = 1.0 if mode == "F" else 65535.0
+            arr = np.asarray(img, dtype=np.float64)  # (H, W)
+            gray = Image.fromarray(np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
+            return gray.convert(target)
+        if mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # PIL warns about palette transparency otherwise
+        return img.convert(target)
+    except (ValueError, OSError, TypeError) as e:
+        raise UnsupportedImageError(f"cannot convert {name} (PIL mode {mode}) to {target}: {e}; save it as an 8- or "
+                                    "16-bit gray / RGB PNG, or remove it from the folder") from None
+
+
+def pil_to_tensor(img: Image.Image, image_size: int, channels: int, name: str = "image") -> torch.Tensor:
+    """PIL image -> (C, S, S) float in [-1, 1]: convert (`to_8bit`), resize the short side to S (bicubic),
+    center-crop."""
+    img = to_8bit(img, channels, name)
     w, h = img.size
     scale = image_size / min(w, h)
     if scale != 1:

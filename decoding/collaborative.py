@@ -54,7 +54,7 @@ class CollaborativeSettings:
 
 def _prepare(settings: CollaborativeSettings, config: dict, device) -> CollaborativeSettings:
     """Load the refiner run and check it against the drafter's run (tokenizer hash, dataset, N)."""
-    from utils.checkpoint import check_same_tokenizer, load_generator
+    from utils.runs import check_same_tokenizer, load_generator
 
     if not settings.refiner_ckpt:
         raise ValueError("decoding=collaborative needs the small VAR: decoding.refiner_ckpt=<var run folder>")

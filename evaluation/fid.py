@@ -14,9 +14,10 @@ Reference statistics of a dataset split are computed once and cached as .safeten
 converted weights (see `evaluation.inception.cache_dir`).
 
 CLI:
-    python -m evaluation.fid <real> <fake> [--num-images N] [--batch-size B] [--json]
+    python -m evaluation.fid <real> <fake> [--num-images N] [--batch-size B] [--json] [--strict]
 where <real> and <fake> are each an image folder (PNG/JPG, searched recursively) or a dataset
-split `name:split`, e.g. `fashion_mnist:test`.
+split `name:split`, e.g. `fashion_mnist:test`. Unreadable files (truncated, empty) are skipped with a
+warning naming each, and the label says how many images were scored; --strict makes them an error.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -37,6 +37,8 @@ from scipy.linalg.lapack import dpstrf
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from evaluation.inception import WEIGHTS_FILE, cache_dir, inception_weights_path
+from utils.io import atomic_replace
+from utils.progress import progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NUM_FEATURES = 2048
@@ -100,7 +102,8 @@ def _batches(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.
 
 @torch.no_grad()
 def compute_statistics(
-    images: Iterable[torch.Tensor], batch_size: int = 50, net: torch.nn.Module | None = None
+    images: Iterable[torch.Tensor], batch_size: int = 50, net: torch.nn.Module | None = None,
+    desc: str = "Inception features",
 ) -> Statistics:
     """Inception feature mean and covariance (float64) of images in [-1, 1] or uint8.
 
@@ -112,7 +115,7 @@ def compute_statistics(
     total = torch.zeros(NUM_FEATURES, dtype=torch.float64)
     outer = torch.zeros(NUM_FEATURES, NUM_FEATURES, dtype=torch.float64)
     n = 0
-    for batch in _batches(images, batch_size):
+    for batch in progress(_batches(images, batch_size), desc):
         features = net(batch.to(device)).double().cpu()  # (b, 2048)
         total += features.sum(dim=0)
         outer += features.T @ features  # (2048, 2048)
@@ -261,10 +264,28 @@ def list_images(folder: str) -> list[str]:
 
 
 def _read_images(files: list[str]) -> Iterator[torch.Tensor]:
-    """uint8 (3, H, W) per file; gray and palette images become RGB."""
+    """uint8 (3, H, W) per file, converted with its true range (16-bit, float, CMYK, palette: `to_8bit`)."""
+    from data.transforms import to_8bit
+
     for path in files:
         with Image.open(path) as image:
-            yield torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+            yield torch.from_numpy(np.array(to_8bit(image, 3, path))).permute(2, 0, 1)  # (3, H, W)
+
+
+def readable_folder(folder: str, num_images: int | None = None, strict: bool = False) -> tuple[list[str], list[str]]:
+    """(the first `num_images` readable images of a folder, the unreadable ones skipped on the way): each skipped
+    file is named in a warning, as training does; strict: an FIDInputError naming the first unreadable file."""
+    from data.image_folder import CorruptImageError, readable_images
+    from data.transforms import UnsupportedImageError
+
+    try:
+        good, bad = readable_images(list_images(folder), strict, 3, f"FID images in '{folder}'", num_images,
+                                    strict_hint="drop --strict to skip unreadable images")
+    except (CorruptImageError, UnsupportedImageError) as e:
+        raise FIDInputError(str(e)) from None
+    if not good:
+        raise FIDInputError(f"no readable images under '{folder}' ({len(bad)} unreadable); {_SPEC_HELP}")
+    return good, bad
 
 
 def load_split(name: str, split: str, image_size: int | None = None,
@@ -303,17 +324,9 @@ def reference_statistics_path(
 
 def _save_statistics(stats: Statistics, path: str, image_hw: tuple[int, int]) -> None:
     """Write mu, sigma, n to .safetensors atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        tensors = {"mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous(), "n": torch.tensor(stats.n)}
-        save_file(tensors, tmp, metadata={"height": str(image_hw[0]), "width": str(image_hw[1])})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    tensors = {"mu": stats.mu.contiguous(), "sigma": stats.sigma.contiguous(), "n": torch.tensor(stats.n)}
+    meta = {"height": str(image_hw[0]), "width": str(image_hw[1])}
+    atomic_replace(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
 
 def _load_statistics(path: str) -> tuple[Statistics, tuple[int, int]]:
@@ -334,7 +347,8 @@ def _split_statistics(
         return _load_statistics(path)
     dataset = load_split(name, split, image_size, settings)
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
-    stats = compute_statistics((dataset[i][0] for i in range(n)), batch_size, net or fid_inception(tf1_resize))
+    stats = compute_statistics((dataset[i][0] for i in range(n)), batch_size, net or fid_inception(tf1_resize),
+                               desc=f"reference statistics of {name}:{split} ({n} images)")
     image_hw = tuple(dataset[0][0].shape[-2:])
     _save_statistics(stats, path, image_hw)
     return stats, image_hw
@@ -374,11 +388,11 @@ def reconstruction_fid(fake: torch.Tensor, name: str, split: str, image_size: in
     return frechet_distance(ref.mu, ref.sigma, gen.mu, gen.sigma)
 
 
-def _check_spec(spec: str, num_images: int | None, image_size: int | None, tf1_resize: bool) -> tuple[str, ...]:
-    """('folder', path) or ('split', name, split), after checking that the images exist."""
+def _check_spec(spec: str, num_images: int | None, image_size: int | None, tf1_resize: bool,
+                strict: bool = False) -> tuple:
+    """('folder', path, readable files, skipped files) or ('split', name, split), after checking the images exist."""
     if os.path.exists(spec) or os.sep in spec or ":" not in spec:
-        list_images(spec)
-        return ("folder", spec)
+        return ("folder", spec, *readable_folder(spec, num_images, strict))
     name, split = spec.rsplit(":", 1)
     if not os.path.isfile(reference_statistics_path(name, split, image_size, num_images, tf1_resize)):
         load_split(name, split, image_size)  # fails here, before any Inception work, if unknown
@@ -386,16 +400,17 @@ def _check_spec(spec: str, num_images: int | None, image_size: int | None, tf1_r
 
 
 def _statistics_of(
-    checked: tuple[str, ...], num_images: int | None, batch_size: int, image_size: int | None,
+    checked: tuple, num_images: int | None, batch_size: int, image_size: int | None,
     tf1_resize: bool, net: torch.nn.Module,
 ) -> tuple[Statistics, tuple[int, int]]:
     """Statistics and image (H, W) of a checked folder or split."""
     if checked[0] == "split":
         return _split_statistics(checked[1], checked[2], image_size, num_images, batch_size, tf1_resize, net)
-    files = list_images(checked[1])[:num_images]
+    files = checked[2]
     with Image.open(files[0]) as first:
         image_hw = (first.height, first.width)
-    return compute_statistics(_read_images(files), batch_size, net), image_hw
+    return compute_statistics(_read_images(files), batch_size, net, desc=f"Inception features of {checked[1]}"), \
+        image_hw
 
 
 def fid_from_folders_or_splits(
@@ -407,27 +422,35 @@ def fid_from_folders_or_splits(
     image_size: int | None = None,
     tf1_resize: bool = True,
     device: torch.device | str | None = None,
+    strict: bool = False,
 ) -> dict:
     """FID between two image folders or dataset splits (`name:split`), with its protocol label.
 
-    Each side uses its first `num_images` images (sorted file names, or split order); all when None.
+    Each side uses its first `num_images` readable images (sorted file names, or split order); all when None.
+    Unreadable files are skipped with a warning naming each, and counted in the label (strict: an error).
     `image_size` is passed to `data.registry.load_split` for dataset splits.
     """
     if num_images is not None and num_images < 2:
         raise FIDInputError(f"--num-images must be at least 2, got {num_images}")
-    checked_real = _check_spec(real, num_images, image_size, tf1_resize)
-    checked_fake = _check_spec(fake, num_images, image_size, tf1_resize)
+    checked_real = _check_spec(real, num_images, image_size, tf1_resize, strict)
+    checked_fake = _check_spec(fake, num_images, image_size, tf1_resize, strict)
     net = fid_inception(tf1_resize, device)
     real_stats, real_hw = _statistics_of(checked_real, num_images, batch_size, image_size, tf1_resize, net)
     fake_stats, fake_hw = _statistics_of(checked_fake, num_images, batch_size, image_size, tf1_resize, net)
     label = protocol_label(fake_stats.n, real, fake_hw, tf1_resize, real_stats.n)
     if real_hw != fake_hw:
         label += f" (real {real_hw[0]}x{real_hw[1]})"
+    skipped = {side: len(c[3]) for side, c in (("real", checked_real), ("fake", checked_fake)) if c[0] == "folder"}
+    if any(skipped.values()):
+        label += ", scored " + " and ".join(f"{n} readable {side} images ({skipped[side]} unreadable skipped)"
+                                            for side, n in (("real", real_stats.n), ("fake", fake_stats.n))
+                                            if skipped.get(side))
     return {
         "fid": frechet_distance(real_stats.mu, real_stats.sigma, fake_stats.mu, fake_stats.sigma),
         "protocol": label,
         "num_real": real_stats.n,
         "num_fake": fake_stats.n,
+        "skipped": {side: c[3] for side, c in (("real", checked_real), ("fake", checked_fake)) if c[0] == "folder"},
     }
 
 
@@ -447,11 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--antialias", action="store_true", help="torchmetrics' antialiased resize, not TF1's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first unreadable image instead of skipping it with a warning")
     args = parser.parse_args(argv)
     try:
         result = fid_from_folders_or_splits(
             args.real, args.fake, args.num_images, batch_size=args.batch_size, image_size=args.image_size,
-            tf1_resize=not args.antialias, device=args.device,
+            tf1_resize=not args.antialias, device=args.device, strict=args.strict,
         )
     except (FIDInputError, FileNotFoundError) as e:  # bad arguments, or a dataset whose files are missing
         print(f"error: {e}", file=sys.stderr)

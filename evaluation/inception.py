@@ -13,10 +13,11 @@ computed from these weights, and any attempt gives NaN instead of a plausible nu
 
 import importlib.util
 import os
-import tempfile
 import warnings
 
 import torch
+
+from utils.io import atomic_replace
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 NUM_CLASSES = 1008  # TF Inception's output layer (absent from the TorchScript file)
@@ -87,20 +88,6 @@ def convert_torchscript(script: torch.jit.ScriptModule) -> dict[str, torch.Tenso
     return converted
 
 
-def _save_atomic(state: dict[str, torch.Tensor], path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def inception_weights_path() -> str | None:
     """Path of the converted torch-fidelity weights, converting them on the first call.
 
@@ -117,7 +104,8 @@ def inception_weights_path() -> str | None:
             stacklevel=2,
         )
         return None
-    _save_atomic(convert_torchscript(load_torchscript()), path)
+    state = convert_torchscript(load_torchscript())
+    atomic_replace(lambda tmp: torch.save(state, tmp), path)
     return path
 
 

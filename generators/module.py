@@ -8,7 +8,7 @@ guidance happens inside the networks' class embedding (``ClassEmbedding``).
 
 The tokenizer is frozen and held in a plain list, so it is no submodule: not in the state_dict, the .ckpt,
 model.safetensors or any optimizer. A generator's config names the tokenizer run and its hash;
-``load_generator`` refuses a tokenizer that changed or is missing.
+``utils.runs.load_run`` refuses a tokenizer that changed or is missing.
 
 Also here, shared by train.py and sample.py: pairing checks, building a network from its config, turning
 sampled tokens into images, and the FID of a generator.
@@ -28,6 +28,8 @@ from torchvision.utils import save_image
 from decoding.registry import get_decoder
 from decoding.sampling import SamplingConfig
 from utils.ema import EMA
+from utils.grids import label_rows
+from utils.progress import progress
 from utils.timing import synchronize
 from utils.schedule import warmup_cosine
 
@@ -68,7 +70,7 @@ def build_objective(model, config: dict):
     mode, and kept out of the module's parameters and state_dict.
     """
     from generators.objective import TokenObjective
-    from utils.checkpoint import check_same_tokenizer, load_generator
+    from utils.runs import check_same_tokenizer, load_generator
 
     gen = config["generator"]
     scales, distill = gen.get("train_scales"), gen.get("distill") or {}
@@ -148,13 +150,20 @@ def class_grid_labels(num_classes: int, per_class: int, max_classes: int | None 
     return torch.arange(rows).repeat_interleave(per_class)
 
 
-def save_class_grid(images: torch.Tensor, per_class: int, path: str | Path) -> Path:
-    """Save images ordered class by class as a grid with one row per class and ``per_class`` columns."""
+def save_class_grid(images: torch.Tensor, per_class: int, path: str | Path, row_names: list | None = None) -> Path:
+    """Save images ordered class by class as a grid with one row per class and ``per_class`` columns; row_names
+    (e.g. the rows' class names) are written beside the rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.float().cpu(), path, nrow=per_class, normalize=True, value_range=(-1, 1), padding=1,
                pad_value=0.5)
-    return path
+    return label_rows(path, row_names) if row_names else path
+
+
+def class_names(data: dict, classes) -> list[str]:
+    """The names of class ids `classes` in a run's data config (its `class_names`, else the ids themselves)."""
+    names = data.get("class_names") or []
+    return [f"{k} {names[k]}" if k < len(names) else str(k) for k in map(int, classes)]
 
 
 #################################################################################
@@ -192,7 +201,7 @@ def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: Sa
     decoder = get_decoder(decoder or "ar") if not hasattr(decoder, "run") else decoder
     settings = decoder.parse_settings(settings)
     seconds = 0.0
-    for i in range(0, labels.shape[0], batch_size):
+    for i in progress(range(0, labels.shape[0], batch_size), f"sampling {labels.shape[0]} images for FID"):
         y = labels[i:i + batch_size].to(device)
         images, stats = sample_images(model, tokenizer, y, sampling, config["tokens"], g, decoder, settings)
         seconds += stats["generate_seconds"] + stats["decode_seconds"]
@@ -240,10 +249,9 @@ class GeneratorModule(L.LightningModule):
     def tokenizer(self) -> torch.nn.Module:
         """The frozen tokenizer on this module's device (loaded and hash-checked on first use if not given)."""
         if not self._tokenizer:
-            from data.token_cache import load_tokenizer_run
+            from utils.runs import load_tokenizer_of
 
-            tok = self.run_config["tokenizer"]
-            self._tokenizer.append(load_tokenizer_run(tok["path"], self.device, tok["hash"]).model)
+            self._tokenizer.append(load_tokenizer_of(self.run_config, self.output_dir, self.device).model)
         tok = self._tokenizer[0]
         if next(tok.parameters()).device != self.device:
             tok.to(self.device)
@@ -348,7 +356,8 @@ class GeneratorModule(L.LightningModule):
         with self._autocast():
             images, _ = sample_images(self.ema.shadow, self.tokenizer, labels.to(self.device), sampling,
                                       self.run_config["tokens"], g)
-        return save_class_grid(images, per_class, path)
+        rows = labels[::per_class].tolist()
+        return save_class_grid(images, per_class, path, class_names(self.run_config["data"], rows))
 
     def fid(self, num_samples: int, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict:
         """FID of the EMA weights against the dataset's eval.fid_split (every rank calls it; states are summed)."""

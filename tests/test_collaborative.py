@@ -12,7 +12,8 @@ from decoding.sampling import SamplingConfig
 from generators.objective import TokenObjective, token_loss
 from generators.var import VAR
 from tokenizers.msvq import MultiScaleVQ
-from utils.checkpoint import CheckpointError, check_same_tokenizer
+from utils.checkpoint import CheckpointError
+from utils.runs import check_same_tokenizer
 
 V, NC, SCALES = 16, 4, (1, 2, 3, 4)  # K = 4, L = 30
 

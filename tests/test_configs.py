@@ -27,8 +27,8 @@ def test_every_config_composes(group, option, tmp_path):
     assert cfg.trainer._target_ == "lightning.Trainer"
     if group == "tokenizer":
         assert cfg.tokenizer.quantizer._target_.startswith("tokenizers.")
-        # the shared _autoencoder block, overlaid with the tokenizer file's own autoencoder keys
-        shared = yaml.safe_load((Path(CONFIGS) / "tokenizer" / "_autoencoder.yaml").read_text())["autoencoder"]
+        # the shared autoencoder block, overlaid with the tokenizer file's own autoencoder keys
+        shared = yaml.safe_load((Path(CONFIGS) / "_shared" / "autoencoder.yaml").read_text())["autoencoder"]
         own = yaml.safe_load((Path(CONFIGS) / "tokenizer" / f"{option}.yaml").read_text()).get("autoencoder") or {}
         assert OmegaConf.to_container(cfg.tokenizer.autoencoder, resolve=True) == {**shared, **own}
     if group == "generator":

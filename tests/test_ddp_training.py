@@ -169,14 +169,15 @@ def test_tokenizer_rfid_two_ranks_equals_one_process(tmp_path, monkeypatch):
     """rFID under DDP: rank r reconstructs test images r, r+2, ...: together the first 7, scored as one process."""
     from data.registry import load_split
     from evaluation.fid import reconstruction_fid
-    from utils.checkpoint import load_tokenizer
+    from utils.runs import load_run
 
     monkeypatch.setenv("TOKAR_CACHE", str(tmp_path / "cache"))  # the reference statistics, shared with the ranks
     run = tmp_path / "run"
     _ok(run_train(TINY + ["trainer=ddp_sim", "trainer.max_steps=2", "tokenizer.eval.rfid_images=7", "callbacks=none",
                           f"hydra.run.dir={run}"]))
     logged = json.loads((run / "metrics.json").read_text())["metrics"]["test/rfid"]
-    net, config = load_tokenizer(run)
+    loaded = load_run(run, "tokenizer")
+    net, config = loaded.model, loaded.config
     data = config["data"]
     ds = load_split(data["name"], "test", data["image_size"], **data["settings"])
     images = torch.stack([ds[i][0] for i in range(7)])  # (7, 1, 32, 32)

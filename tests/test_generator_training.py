@@ -27,6 +27,7 @@ from data.datamodule import ImageDataModule
 from data.synthetic import Synthetic
 from tests.conftest import TINY, compose_config, run_entry
 from utils.checkpoint import CheckpointError, export_run
+from utils.runs import load_run, run_hash
 
 SIZE = 16  # image side; f4 -> 4x4 latents
 AUTOENCODER = {"ch": 8, "ch_mult": [1, 2, 2], "z_channels": 8, "quant_conv_kernel": 1}
@@ -91,31 +92,31 @@ def test_cache_is_reused_for_the_same_tokenizer_and_rebuilt_when_it_changes(tmp_
     monkeypatch.setattr(token_cache, "encode_batch", lambda *a: calls.append(1) or encode(*a))
     root = tmp_path / "cache"
 
-    first = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(), ["train", "test"], root)
+    first = token_cache.prepare_token_caches(load_run(run), images(), ["train", "test"], root)
     assert calls and set(first) == {"train", "test"}
     ds = token_cache.TokenDataset(first["train"])
     assert ds.codes.shape == (48, 16) and ds.codes.dtype == torch.int32 and ds.num_classes == 4
-    assert ds.meta["tokenizer_hash"] == token_cache.tokenizer_hash(run) and ds.meta["layout"] == "raster"
+    assert ds.meta["tokenizer_hash"] == run_hash(run) and ds.meta["layout"] == "raster"
     mtimes = {s: p.stat().st_mtime_ns for s, p in first.items()}
 
     calls.clear()
-    again = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(), ["train", "test"], root)
+    again = token_cache.prepare_token_caches(load_run(run), images(), ["train", "test"], root)
     assert again == first and not calls  # no re-encode
     assert {s: p.stat().st_mtime_ns for s, p in again.items()} == mtimes
 
     perturb_weights(run)  # a retrained tokenizer: new hash, new files
-    rebuilt = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(), ["train", "test"], root)
+    rebuilt = token_cache.prepare_token_caches(load_run(run), images(), ["train", "test"], root)
     assert calls and all(rebuilt[s] != first[s] for s in first)
-    assert token_cache.TokenDataset(rebuilt["train"]).meta["tokenizer_hash"] == token_cache.tokenizer_hash(run)
+    assert token_cache.TokenDataset(rebuilt["train"]).meta["tokenizer_hash"] == run_hash(run)
 
     # other dataset settings are another cache too
     calls.clear()
-    other = token_cache.prepare_token_caches(token_cache.load_tokenizer_run(run), images(size=32), ["train"], root)
+    other = token_cache.prepare_token_caches(load_run(run), images(size=32), ["train"], root)
     assert calls and other["train"] != rebuilt["train"] and len(token_cache.TokenDataset(other["train"])) == 32
 
 
 def test_cache_build_resumes_after_a_kill_and_skips_finished_chunks(tmp_path, monkeypatch):
-    tok = token_cache.load_tokenizer_run(make_tokenizer_run(tmp_path / "msvq", "msvq")).model
+    tok = load_run(make_tokenizer_run(tmp_path / "msvq", "msvq")).model
     dataset = Synthetic("train", size=64, image_size=SIZE, num_classes=4)
     path = tmp_path / "cache" / "train.safetensors"
     encode, calls = token_cache.encode_batch, []
@@ -147,7 +148,7 @@ def test_cache_build_resumes_after_a_kill_and_skips_finished_chunks(tmp_path, mo
 
 
 def test_kl_latents_are_scaled_by_a_factor_fitted_on_the_train_split(tmp_path):
-    run = token_cache.load_tokenizer_run(make_tokenizer_run(tmp_path / "kl", "kl"))
+    run = load_run(make_tokenizer_run(tmp_path / "kl", "kl"))
     paths = token_cache.prepare_token_caches(run, images(), ["test"], tmp_path / "cache")
     train, test = token_cache.TokenDataset(paths["train"]), token_cache.TokenDataset(paths["test"])
     factor = float(train.meta["scale_factor"])
@@ -184,7 +185,7 @@ def test_var_tokenizer_train_sample_through_the_entry_points(tmp_path):
     assert Path(summary["grid"]).exists()
     config = yaml.safe_load((gen_dir / "config.yaml").read_text())
     assert config["kind"] == "generator" and config["tokenizer"]["path"] == str(tok_dir.resolve())
-    assert config["tokenizer"]["hash"] == token_cache.tokenizer_hash(tok_dir)
+    assert config["tokenizer"]["hash"] == run_hash(tok_dir)
     assert config["model_args"]["scales"] == [1, 2, 4]
     # the frozen tokenizer is in no export and no checkpoint
     exported = load_file(str(gen_dir / "model.safetensors"))
@@ -200,7 +201,10 @@ def test_var_tokenizer_train_sample_through_the_entry_points(tmp_path):
     assert result["rows"] == [0, 1, 2, 3] and result["speed"]["forward_passes_per_image"] == 3
     assert result["speed"]["images_per_s"] > 0 and result["speed"]["images_per_s_with_decode"] > 0
     with Image.open(result["grid"]) as grid:  # 4 rows (classes) x 3 columns of 16px images, 1px padding
-        assert grid.size == (3 * SIZE + 4, 4 * SIZE + 5)
+        assert grid.height == 4 * SIZE + 5 and grid.width > 3 * SIZE + 4  # + the margin naming the rows
+    from utils.grids import row_labels
+
+    assert row_labels(result["grid"]) == ["0", "1", "2", "3"]  # synthetic data has no class names: the ids
 
     perturb_weights(tok_dir)  # the tokenizer changed under the generator
     refused = run_entry("sample.py", [f"ckpt={gen_dir}", f"hydra.run.dir={tmp_path / 'refused'}"], env=ONE_THREAD)
@@ -243,7 +247,7 @@ def test_gpt_and_flowar_train_and_sample_in_process(gen, tok, tok_runs, tmp_path
                           tmp_path / "sample")
     result = run(scfg, tmp_path / "sample")
     with Image.open(result["grid"]) as grid:
-        assert grid.size == (2 * SIZE + 3, 2 * SIZE + 3)
+        assert grid.height == 2 * SIZE + 3 and grid.width > 2 * SIZE + 3  # + the margin naming the rows
     assert result["rows"] == [1, 3] and (tmp_path / "sample" / "metrics.json").exists()
 
 
@@ -281,7 +285,7 @@ def test_missing_or_wrong_kind_tokenizer_ckpt(tok_runs, tmp_path):
     not_tok = tmp_path / "gen_run"
     export_run(torch.nn.Linear(1, 1), {"data": {}}, not_tok, kind="generator")
     cfg = compose_config("train", gen_overrides("var", not_tok, tmp_path), tmp_path / "c")
-    with pytest.raises(CheckpointError, match="generator checkpoint, but a tokenizer checkpoint is needed"):
+    with pytest.raises(CheckpointError, match="is a generator run, not a tokenizer run"):
         train(cfg)
 
 
@@ -293,10 +297,20 @@ def test_loading_a_generator_whose_tokenizer_is_missing_or_changed(tmp_path):
     train(compose_config("train", gen_overrides("gpt", tok, tmp_path / "data") + ["trainer.max_steps=2"],
                          tmp_path / "gen"))
     model, tokenizer, config = load_generator(tmp_path / "gen")
-    assert config["tokenizer"]["hash"] == token_cache.tokenizer_hash(tok)
+    assert config["tokenizer"]["hash"] == run_hash(tok)
     from_ckpt, _, _ = load_generator(tmp_path / "gen" / "checkpoints" / "last.ckpt")  # EMA weights of the .ckpt
     for (k, a), b in zip(model.state_dict().items(), from_ckpt.state_dict().values()):
         assert torch.equal(a, b), k
+    # README's Python API block runs as written on these two runs
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = block.replace('"outputs/tokenizer/<time>"', repr(str(tok))).replace('"outputs/generator/<time>"',
+                                                                               repr(str(tmp_path / "gen")))
+    api: dict = {}
+    exec(compile(block, "README.md", "exec"), api)  # noqa: S102 - our own README
+    assert api["recon"].shape == api["images"].shape and api["samples"].shape == (4, 1, SIZE, SIZE)
+    assert api["gen"].tokenizer.hash == run_hash(tok) and api["tok"].hash == run_hash(tok)
+
     perturb_weights(tok)
     with pytest.raises(CheckpointError, match="changed since the generator was trained"):
         load_generator(tmp_path / "gen")
@@ -362,7 +376,7 @@ class CountingFID:
         return float(sum(x.shape[0] for x in self.images))
 
 
-def test_fid_at_the_end_of_training_and_in_sample_py(tok_runs, tmp_path, monkeypatch):
+def test_fid_at_the_end_of_training_and_in_sample_py(tok_runs, tmp_path, monkeypatch, capsys):
     import generators.module as gm
     from sample import run
     from train import train
@@ -384,6 +398,8 @@ def test_fid_at_the_end_of_training_and_in_sample_py(tok_runs, tmp_path, monkeyp
     pngs = sorted((tmp_path / "sample" / "samples").glob("*.png"))
     assert len(pngs) == 8 and [p.name.split("class")[1] for p in pngs[:4]] == ["0.png", "1.png", "2.png", "3.png"]
     assert json.loads((tmp_path / "sample" / "metrics.json").read_text())["fid"]["num_samples"] == 8
+    printed = capsys.readouterr().out  # issue 15.17: where the outputs are
+    assert f"{tmp_path / 'sample' / 'metrics.json'}" in printed and f"{tmp_path / 'sample' / 'samples'}" in printed
 
 
 @pytest.mark.slow

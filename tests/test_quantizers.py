@@ -747,9 +747,10 @@ def test_tokenizer_config_builds_and_runs(name):
 
     folder = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"
     node = OmegaConf.load(folder / f"{name}.yaml")
-    assert list(node.defaults) == ["_autoencoder", "_self_"] and node.name == name
+    assert list(node.defaults) == ["/_shared/autoencoder@_here_", "_self_"] and node.name == name
     assert node.quantizer._target_.startswith("tokenizers.")
-    autoencoder = OmegaConf.merge(OmegaConf.load(folder / "_autoencoder.yaml").autoencoder, node.get("autoencoder", {}))
+    shared = folder.parent / "_shared" / "autoencoder.yaml"
+    autoencoder = OmegaConf.merge(OmegaConf.load(shared).autoencoder, node.get("autoencoder", {}))
     autoencoder.ch = 16  # small and fast; the quantizer node is used as written
     tokenizer = Tokenizer(instantiate(node.quantizer), image_channels=1, **autoencoder).eval()
     images = torch.rand(2, 1, 32, 32) * 2 - 1

@@ -10,9 +10,10 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import TINY, compose_config, run_entry
-from utils.checkpoint import CheckpointError, atomic_replace, resolve_checkpoint
+from utils.checkpoint import CheckpointError, atomic_replace
+from utils.runs import load_run, read_checkpoint
 
-RUN = TINY + ["trainer.max_steps=12", "callbacks.last_checkpoint.every_n_train_steps=5",
+RUN = TINY + ["trainer.max_steps=12", "callbacks.last_checkpoint.every_n_train_steps=5", "trainer.log_every_n_steps=1",
               "callbacks.model_checkpoint=null", "callbacks.lr_monitor=null", "callbacks.progress_bar=null"]
 
 
@@ -21,7 +22,11 @@ def _ok(proc):
     return proc
 
 
-def test_kill_resume_equals_uninterrupted_then_sample(tmp_path):
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """An uninterrupted run (ref), the same run killed at step 7 (save at 5) with a write's orphan temp file
+    planted, then resumed from its run folder; then sample.py on it. Several tests read the result."""
+    tmp_path = tmp_path_factory.mktemp("resume")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     _ok(run_entry("train.py", RUN + [f"hydra.run.dir={ref_dir}"]))
 
@@ -32,8 +37,20 @@ def test_kill_resume_equals_uninterrupted_then_sample(tmp_path):
     assert last.exists() and not (run_dir / "model.safetensors").exists()
     assert torch.load(last, weights_only=True)["global_step"] == 5  # the save at step 5 survived the kill
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    killed_csv = (run_dir / "csv" / "metrics.csv").read_text()
+    orphan = run_dir / "checkpoints" / ".best.ckpt.k3x9q2.tmp"  # what a kill during a checkpoint write leaves
+    orphan.write_bytes(b"half a checkpoint")
 
-    resumed = _ok(run_entry("train.py", RUN + [f"ckpt_path={last}"]))  # the run folder comes from the ckpt
+    resumed = _ok(run_entry("train.py", RUN + [f"ckpt_path={run_dir}"]))  # the run folder, as sample.py takes it
+    sampled = _ok(run_entry("sample.py", [f"ckpt={run_dir}", "num_images=16", "grid_images=8",
+                                          "save_reconstructions=true", f"hydra.run.dir={tmp_path / 'sample'}"]))
+    return {"tmp": tmp_path, "ref": ref_dir, "run": run_dir, "resumed": resumed, "sampled": sampled,
+            "killed_csv": killed_csv, "orphan": orphan}
+
+
+def test_kill_resume_equals_uninterrupted_then_sample(killed_and_resumed):
+    r = killed_and_resumed
+    ref_dir, run_dir, tmp_path, resumed, sampled = r["ref"], r["run"], r["tmp"], r["resumed"], r["sampled"]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["steps"] == 12 and "test/psnr" in summary["metrics"]
     assert "test/psnr" in resumed.stdout and str(run_dir) in resumed.stdout
@@ -44,12 +61,85 @@ def test_kill_resume_equals_uninterrupted_then_sample(tmp_path):
     for k in ref:
         assert torch.allclose(ref[k], got[k], atol=1e-5), k
 
-    sampled = _ok(run_entry("sample.py", [f"ckpt={run_dir}", "num_images=16", "grid_images=8",
-                                          f"hydra.run.dir={tmp_path / 'sample'}"]))
     assert "PSNR" in sampled.stdout
     result = json.loads((tmp_path / "sample" / "metrics.json").read_text())
     assert result["num_images"] == 16 and result["psnr"] > 5
     assert Path(result["grid"]).exists()
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_keeps_the_metric_history(killed_and_resumed):
+    """Issue 15.1: the resumed run's csv/metrics.csv holds every row, as the uninterrupted run's does."""
+    r = killed_and_resumed
+    assert "train/loss" in r["killed_csv"]  # rows were logged (and flushed) before the kill
+    ref, got = _csv_rows(r["ref"] / "csv" / "metrics.csv"), _csv_rows(r["run"] / "csv" / "metrics.csv")
+    assert [row["step"] for row in got] == [row["step"] for row in ref]  # none lost, none repeated
+    assert {int(row["step"]) for row in got if row.get("train/loss")} == set(range(12))
+    for a, b in zip(ref, got):
+        for key, value in a.items():
+            if value and key != "lr-AdamW":
+                assert float(b[key]) == pytest.approx(float(value), rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_resume_removes_stale_temp_files_only(killed_and_resumed):
+    """Issue 15.5: the orphan of a killed checkpoint write is removed on resume; the checkpoints stay."""
+    r = killed_and_resumed
+    assert not r["orphan"].exists()
+    assert (r["run"] / "checkpoints" / "last.ckpt").is_file()
+    assert str(r["orphan"].name) in r["resumed"].stderr + r["resumed"].stdout  # the log says what it removed
+
+
+def test_resume_from_the_run_folder_without_dataloader_warning(killed_and_resumed):
+    """Issues 15.7 (ckpt_path=<run folder>) and 15.16 (no 'dataloader is not resumable' warning)."""
+    resumed = killed_and_resumed["resumed"]
+    assert "not resumable" not in resumed.stderr + resumed.stdout
+    assert "IsADirectoryError" not in resumed.stderr
+
+
+def test_files_written_atomically_have_the_runs_mode(killed_and_resumed):
+    """Issue 15.18: model.safetensors, config.yaml, checkpoints and metrics.json get the mode of the run's other
+    files (csv/metrics.csv is written by Lightning with a plain open), not mkstemp's 0600."""
+    run = killed_and_resumed["run"]
+    plain = (run / "csv" / "metrics.csv").stat().st_mode & 0o777
+    for name in ("model.safetensors", "config.yaml", "metrics.json", "checkpoints/last.ckpt"):
+        assert (run / name).stat().st_mode & 0o777 == plain, name
+
+
+def test_sample_refuses_to_overwrite_an_earlier_runs_outputs(killed_and_resumed):
+    """Issue 15.2: a second sample.py into the same folder fails and leaves the first run's outputs as they were."""
+    from sample import run as sample_run
+
+    out = killed_and_resumed["tmp"] / "sample"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    cfg = compose_config("sample", [f"ckpt={killed_and_resumed['run']}", "num_images=8"], out)
+    with pytest.raises(FileExistsError, match="metrics.json"):
+        sample_run(cfg, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".hydra" not in p.parts} == before
+    # the first run printed where its metrics are
+    assert f"{out / 'metrics.json'}" in killed_and_resumed["sampled"].stdout
+
+
+def test_tokenizer_grid_rows_and_saved_reconstructions(killed_and_resumed):
+    """Issue 15.17: sample.py's reconstruction grid names its rows; save_reconstructions=true writes the
+    reconstructions as PNGs for the FID CLI, and the paths are printed."""
+    from PIL import Image
+
+    from utils.grids import row_labels
+
+    out = killed_and_resumed["tmp"] / "sample"
+    result = json.loads((out / "metrics.json").read_text())
+    assert row_labels(result["grid"]) == ["original", "reconstruction"]  # grid_images=8: one row of each
+    pngs = sorted((out / "reconstructions").glob("*.png"))
+    assert len(pngs) == 16 and result["reconstructions_dir"] == str(out / "reconstructions")
+    assert str(out / "reconstructions") in killed_and_resumed["sampled"].stdout
+    with Image.open(pngs[0]) as img:
+        assert img.size == (32, 32)
 
 
 def test_fast_dev_run_in_process(tmp_path):
@@ -78,21 +168,19 @@ def test_sample_without_ckpt_says_so():
 
 def test_wrong_kind_missing_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        resolve_checkpoint(tmp_path / "nope")
+        read_checkpoint(tmp_path / "nope")
     run = tmp_path / "gen"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"kind": "generator"}))
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(run / "model.safetensors"))
-    from sample import load_tokenizer
-
-    with pytest.raises(CheckpointError, match="generator checkpoint"):
-        load_tokenizer(str(run))
+    with pytest.raises(CheckpointError, match="is a generator run, not a tokenizer run"):
+        load_run(str(run), "tokenizer")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read"):
-        resolve_checkpoint(bad)
+        read_checkpoint(bad)
 
 
 class Evil:
@@ -103,7 +191,7 @@ def test_loading_never_unpickles_objects(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}, "payload": Evil()}, path)
     with pytest.raises(CheckpointError, match="cannot read"):
-        resolve_checkpoint(path)
+        read_checkpoint(path)
 
 
 def test_resume_with_other_settings_names_them(tmp_path):

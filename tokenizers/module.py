@@ -26,6 +26,7 @@ from tokenizers.discriminator import PatchGAN, adaptive_weight, gan_losses
 from tokenizers.losses import ReconstructionLoss
 from tokenizers.lpips import LPIPS
 from utils.ema import EMA
+from utils.grids import label_rows
 from utils.schedule import rampdown, warmup_cosine
 
 # Under DDP Lightning asks for sync_dist=True on epoch-level logs; these are torchmetrics values whose compute()
@@ -295,7 +296,7 @@ def grid_path(output_dir: str, stage: str, step: int) -> Path:
 
 
 def save_reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Rows alternate: `nrow` originals, then their reconstructions below them."""
+    """Rows alternate: `nrow` originals, then their reconstructions below them (each row labelled so)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -304,7 +305,7 @@ def save_reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, path: st
     pad = [torch.full_like(images[:1], -1.0).expand(nrow - r.shape[0], *images.shape[1:]) for r in rows]
     grid = torch.cat([torch.cat([r, p]) for r, p in zip(rows, pad)])
     save_image(grid.float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1, pad_value=0.5)
-    return path
+    return label_rows(path, ["original", "reconstruction"] * (len(rows) // 2))
 
 
 def total_training_steps(max_steps: int, max_epochs: int | None, batches_per_epoch: int) -> int:

@@ -156,7 +156,7 @@ def import_llamagen(vq_path: str | Path, gpt_path: str | Path, out: str | Path |
     vq = vq_state if vq_state is not None else read_state_dict(vq_path)
     gpt = gpt_state if gpt_state is not None else read_state_dict(gpt_path)
     # 1. the tokenizer run
-    base = config_node("tokenizer", "_autoencoder")
+    base = config_node("_shared", "autoencoder")
     node = {**base, **vq_config(vq, vq_path, l2_norm)}
     node["autoencoder"] = {**base["autoencoder"], **node["autoencoder"]}
     tokenizer = build_tokenizer(node, 3)

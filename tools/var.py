@@ -187,8 +187,8 @@ def import_var(vae_path: str | Path, var_path: str | Path, out: str | Path | Non
     var = var_state if var_state is not None else read_state_dict(var_path)
     scales = [int(s) for s in scales] if scales else scales_from_levels(var, var_path)
     # 1. the tokenizer run
-    node = {**config_node("tokenizer", "_autoencoder"), **vqvae_config(vae, scales, vae_path, using_znorm)}
-    node["autoencoder"] = {**config_node("tokenizer", "_autoencoder")["autoencoder"], **node["autoencoder"]}
+    node = {**config_node("_shared", "autoencoder"), **vqvae_config(vae, scales, vae_path, using_znorm)}
+    node["autoencoder"] = {**config_node("_shared", "autoencoder")["autoencoder"], **node["autoencoder"]}
     tokenizer = build_tokenizer(node, 3)
     image_size = tokenizer.downsample * scales[-1]
     num_classes = require(var, "class_emb.weight", var_path).shape[0] - 1
