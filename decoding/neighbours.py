@@ -15,7 +15,7 @@ result itself is K x k x 12 bytes (int64 indices, float32 distances): 7.9 MB at 
 0.79 GB at k = 1000 (measured: +816 MiB, 42.5 s of CPU). Pass ``device="cuda"`` to run the search on a GPU.
 
 The lists are cached beside the tokenizer run as ``<run>/neighbours_k{k}.safetensors`` (written atomically) with
-the run's hash (``data.token_cache.tokenizer_hash``) in the metadata; a tokenizer whose weights or config changed
+the run's hash (``utils.runs.run_hash``) in the metadata; a tokenizer whose weights or config changed
 gets its lists rebuilt, an unchanged one reuses them.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data.token_cache import TokenizerRun, load_tokenizer_run, tokenizer_hash, tokenizer_run_dir
+from utils.runs import Run, load_run, run_folder, run_hash
 from utils.checkpoint import atomic_replace
 
 log = logging.getLogger("tokar")
@@ -97,16 +97,16 @@ def _smallest_indices_at_boundary(d2: torch.Tensor, vals: torch.Tensor, cols: to
     return (key.sort().values % d2.shape[1]).view(rows, k)
 
 
-def codebook_neighbours(run: TokenizerRun | str | Path, k: int, device: torch.device | str = "cpu",
+def codebook_neighbours(run: Run | str | Path, k: int, device: torch.device | str = "cpu",
                         max_block: int = MAX_BLOCK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """A tokenizer run's (or its folder's) k-neighbour lists: indices (K, k) int64, distances (K, k) float32.
 
     Read from ``<run>/neighbours_k{k}.safetensors`` when its recorded hash is the run's; otherwise computed from
     ``quantizer.codebook_vectors()`` (on ``device``) and written there atomically.
     """
-    loaded = run if isinstance(run, TokenizerRun) else None
-    run_dir = loaded.run_dir if loaded else tokenizer_run_dir(run)
-    digest = loaded.hash if loaded else tokenizer_hash(run_dir)
+    loaded = run if isinstance(run, Run) else None
+    run_dir = loaded.run_dir if loaded else run_folder(run)
+    digest = loaded.hash if loaded else run_hash(run_dir)
     path = cache_file(run_dir, k)
     if path.is_file():
         with safe_open(str(path), "pt") as f:
@@ -115,7 +115,7 @@ def codebook_neighbours(run: TokenizerRun | str | Path, k: int, device: torch.de
             state = load_file(str(path), device=str(device))
             return state["indices"], state["distances"]
         log.info("tokenizer %s changed since %s was built: rebuilding its neighbour lists", run_dir, path.name)
-    model = (loaded or load_tokenizer_run(run_dir, device)).model
+    model = (loaded or load_run(run_dir, "tokenizer", device)).model
     vectors = model.quantizer.codebook_vectors().to(device)  # (K, d)
     indices, distances = knn_codes(vectors, k, max_block)
     meta = {"tokenizer_hash": digest, "k": str(k), "codes": str(vectors.shape[0]), "dim": str(vectors.shape[1]),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data.token_cache import load_tokenizer_run, tokenizer_hash
+from utils.runs import load_run, run_hash
 from decoding import neighbours
 from decoding.neighbours import cache_file, codebook_neighbours, knn_codes
 from tokenizers.fsq import FSQ
@@ -90,18 +90,18 @@ def test_cache_is_reused_and_rebuilt_when_the_tokenizer_changes(tmp_path, monkey
     monkeypatch.setattr(neighbours, "knn_codes", lambda *a, **kw: calls.append(1) or real_knn(*a, **kw))
 
     idx, dist = codebook_neighbours(run, 5)
-    vectors = load_tokenizer_run(run).model.quantizer.codebook_vectors()
+    vectors = load_run(run, "tokenizer").model.quantizer.codebook_vectors()
     want_idx, want_dist = brute_force(vectors, 5)
     assert torch.equal(idx, want_idx) and torch.allclose(dist, want_dist, atol=1e-5) and len(calls) == 1
     path = cache_file(run, 5)
     assert path == run / "neighbours_k5.safetensors" and path.is_file()
     assert not list(run.glob(".*.tmp"))  # the atomic write left no temp file
     with safe_open(str(path), "pt") as f:
-        assert f.metadata()["tokenizer_hash"] == tokenizer_hash(run) and f.metadata()["k"] == "5"
+        assert f.metadata()["tokenizer_hash"] == run_hash(run) and f.metadata()["k"] == "5"
 
     again = codebook_neighbours(run, 5)  # same tokenizer: read back, not recomputed
     assert len(calls) == 1 and torch.equal(again[0], idx) and torch.equal(again[1], dist)
-    loaded = load_tokenizer_run(run)  # a loaded run is accepted as well, and hits the same file
+    loaded = load_run(run, "tokenizer")  # a loaded run is accepted as well, and hits the same file
     assert torch.equal(codebook_neighbours(loaded, 5)[0], idx) and len(calls) == 1
     codebook_neighbours(run, 3)  # another k is another file
     assert len(calls) == 2 and cache_file(run, 3).is_file()
@@ -109,10 +109,10 @@ def test_cache_is_reused_and_rebuilt_when_the_tokenizer_changes(tmp_path, monkey
     make_vq_run(run, seed=1)  # the tokenizer is retrained in place: new weights, new hash
     rebuilt_idx, _ = codebook_neighbours(run, 5)
     assert len(calls) == 3
-    new_vectors = load_tokenizer_run(run).model.quantizer.codebook_vectors()
+    new_vectors = load_run(run, "tokenizer").model.quantizer.codebook_vectors()
     assert torch.equal(rebuilt_idx, brute_force(new_vectors, 5)[0]) and not torch.equal(rebuilt_idx, idx)
     with safe_open(str(path), "pt") as f:
-        assert f.metadata()["tokenizer_hash"] == tokenizer_hash(run)
+        assert f.metadata()["tokenizer_hash"] == run_hash(run)
 
 
 def test_continuous_tokenizer_has_no_neighbours(tmp_path):

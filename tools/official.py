@@ -189,7 +189,7 @@ def write_runs(out: str | Path, tokenizer: nn.Module, tokenizer_config: dict, ge
     Both are ordinary tokar run folders (model.safetensors + config.yaml, atomic writes), so
     ``python sample.py ckpt=<out>`` samples from the generator, ``tokenizer_ckpt=<out>/tokenizer`` trains on its tokens.
     """
-    from data.token_cache import tokenizer_hash
+    from utils.runs import run_hash
 
     out = Path(out).expanduser().resolve()
     if not overwrite and ((out / "model.safetensors").exists() or (out / "tokenizer" / "model.safetensors").exists()):
@@ -197,7 +197,7 @@ def write_runs(out: str | Path, tokenizer: nn.Module, tokenizer_config: dict, ge
     tok_dir = out / "tokenizer"
     export_run(tokenizer, tokenizer_config, tok_dir, "tokenizer")
     generator_config = dict(generator_config)
-    generator_config["tokenizer"] = {"path": str(tok_dir), "hash": tokenizer_hash(tok_dir),
+    generator_config["tokenizer"] = {"path": str(tok_dir), "hash": run_hash(tok_dir),
                                      "name": tokenizer_config["tokenizer"]["name"]}
     export_run(generator, generator_config, out, "generator")
     return out
