@@ -45,33 +45,51 @@ def top_candidates(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]
     n, v = x.shape
     if x.device.type != "cpu" or n == 0:
         return torch.topk(x, m, dim=-1, sorted=True)
-    a = x.detach().numpy()
     if m < v:
-        idx = torch.from_numpy(np.argpartition(a, v - m, axis=-1)[:, v - m:])  # (N, m) unordered
+        part = np.argpartition(x.detach().numpy(), v - m, axis=-1)[:, v - m:]  # (N, m) the m largest, unordered
+        idx = torch.from_numpy(np.ascontiguousarray(part))
+        vals = x.gather(-1, idx)
     else:
-        idx = torch.from_numpy(np.argsort(a, axis=-1))  # (N, V) ascending
-    vals = x.gather(-1, idx)
-    vals, order = vals.sort(dim=-1, descending=True)  # sorts m entries, not V
-    return vals, idx.gather(-1, order)
+        idx, vals = None, x
+    order = torch.from_numpy(_argsort_descending(vals.detach().numpy()))  # (N, m)
+    idx = order if idx is None else idx.gather(-1, order)
+    return vals.gather(-1, order), idx
 
 
-def _tie_groups(vals: torch.Tensor) -> torch.Tensor:
-    """Sorted rows (N, m) -> (N, m) int64: the position where each entry's run of equal values starts."""
-    pos = torch.arange(vals.shape[-1], device=vals.device).expand_as(vals)
-    starts = torch.ones_like(vals, dtype=torch.bool)
-    starts[:, 1:] = vals[:, 1:] != vals[:, :-1]
-    return torch.where(starts, pos, 0).cummax(dim=-1).values
+def _argsort_descending(a: np.ndarray) -> np.ndarray:
+    """float32 rows (N, m) -> int64 positions sorting each row descending.
+
+    Packs (order-preserving integer of the value, position) into one int64 and sorts those keys by value
+    only: NumPy's SIMD sort of plain integers is far faster than an argsort (or ``torch.sort``) on CPU.
+    """
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 in the order of the floats
+    keys = (~ordered).astype(np.int64) << 32  # descending in the high half
+    keys |= np.arange(a.shape[-1], dtype=np.int64)  # position in the low half
+    keys.sort(axis=-1)
+    return keys & 0xFFFFFFFF
 
 
 def _top_p_keep(vals: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
     """Sorted candidate logits and their probabilities (N, m) -> bool (N, m): kept by the nucleus rule.
 
-    Kept iff the mass of strictly larger logits (the mass before the entry's tie group) is < p; the
-    top-1 group always stays.
+    Kept iff the mass of strictly larger logits (the mass before the entry's run of equal logits) is < p;
+    the top-1 run always stays.
     """
     mass_before = probs.cumsum(-1) - probs  # (N, m) mass ranked above each entry
-    group = _tie_groups(vals)
-    return (mass_before.gather(-1, group) < p) | (group == 0)
+    tied = vals[:, 1:] == vals[:, :-1]  # (N, m-1) entry j+1 ties with entry j
+    rows = tied.any(-1).nonzero().squeeze(1)
+    group = None
+    if rows.numel():  # rare with float logits: the mass before the first entry of each run of ties
+        pos = torch.arange(vals.shape[-1], device=vals.device).expand(rows.numel(), -1)
+        starts = torch.cat([torch.ones_like(tied[rows, :1]), ~tied[rows]], dim=-1)
+        group = torch.where(starts, pos, 0).cummax(dim=-1).values  # (R, m) first position of each run
+        mass_before[rows] = mass_before[rows].gather(-1, group)
+    keep = mass_before < p
+    keep[:, 0] = True
+    if group is not None:
+        keep[rows] |= group == 0
+    return keep
 
 
 def _widen_ties(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, temperature: float):
@@ -200,7 +218,6 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
     cdf = probs.cumsum(-1)  # (N, m)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     pos = torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[-1] - 1)  # (N, 1)
-    # rounding can land u past the last kept candidate; step back onto the support
-    last = torch.where(probs > 0, torch.arange(probs.shape[-1], device=probs.device), 0).amax(-1, keepdim=True)
-    pos = torch.minimum(pos, last)
+    # rounding can land u on the total; step back to the last kept candidate (where the cdf first reaches it)
+    pos = torch.minimum(pos, torch.searchsorted(cdf, cdf[:, -1:].contiguous()))
     return idx.gather(-1, pos).view(logits.shape[:-1])
