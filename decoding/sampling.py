@@ -45,29 +45,29 @@ def top_candidates(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]
     n, v = x.shape
     if x.device.type != "cpu" or n == 0:
         return torch.topk(x, m, dim=-1, sorted=True)
+    a = x.detach().numpy()
     if m < v:
-        part = np.argpartition(x.detach().numpy(), v - m, axis=-1)[:, v - m:]  # (N, m) the m largest, unordered
-        idx = torch.from_numpy(np.ascontiguousarray(part))
-        vals = x.gather(-1, idx)
+        idx = np.argpartition(a, v - m, axis=-1)[:, v - m:]  # (N, m) the m largest, unordered
+        vals = x.gather(-1, torch.from_numpy(np.ascontiguousarray(idx))).numpy()
     else:
-        idx, vals = None, x
-    order = torch.from_numpy(_argsort_descending(vals.detach().numpy()))  # (N, m)
-    idx = order if idx is None else idx.gather(-1, order)
-    return vals.gather(-1, order), idx
+        idx, vals = np.arange(v, dtype=np.int64), a
+    vals, idx = _sort_descending(vals, idx)
+    return torch.from_numpy(vals), torch.from_numpy(idx)
 
 
-def _argsort_descending(a: np.ndarray) -> np.ndarray:
-    """float32 rows (N, m) -> int64 positions sorting each row descending.
+def _sort_descending(vals: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows (N, m) and their int64 vocabulary indices (N, m) or (m,) -> both sorted by value, descending.
 
-    Packs (order-preserving integer of the value, position) into one int64 and sorts those keys by value
-    only: NumPy's SIMD sort of plain integers is far faster than an argsort (or ``torch.sort``) on CPU.
+    Packs (order-preserving integer of the value, index) into one int64 and sorts those keys: NumPy's SIMD
+    sort of plain integers is far faster than an argsort (or ``torch.sort``) on CPU, and no gather follows.
     """
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 in the order of the floats
-    keys = (~ordered).astype(np.int64) << 32  # descending in the high half
-    keys |= np.arange(a.shape[-1], dtype=np.int64)  # position in the low half
+    bits = np.ascontiguousarray(vals, dtype=np.float32).view(np.int32)
+    keys = (~(bits ^ ((bits >> 31) & 0x7FFFFFFF))).astype(np.int64)  # int32 in the reverse order of the floats
+    keys <<= 32
+    keys |= idx  # index < 2^31 in the low half
     keys.sort(axis=-1)
-    return keys & 0xFFFFFFFF
+    high = ~(keys >> 32).astype(np.int32)  # undo the packing
+    return (high ^ ((high >> 31) & 0x7FFFFFFF)).view(np.float32), keys & 0xFFFFFFFF
 
 
 def _top_p_keep(vals: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
