@@ -251,3 +251,11 @@ def test_seeded_draws_are_reproducible_and_inverse_cdf():
     cdf = vals.softmax(-1).cumsum(-1)
     expected = idx.gather(-1, (cdf <= u * cdf[:, -1:]).sum(-1, keepdim=True))
     assert torch.equal(a.flatten(), expected.flatten())
+
+
+def test_a_uniform_rounding_onto_the_total_steps_back_onto_the_support(monkeypatch):
+    """u = rand * total can round to the total: the draw must land on the last kept candidate, not a dropped one."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
+    token = sample_from_logits(logits, 1.0, 3, 1.0)  # kept {0, 1, 2}; u == total
+    assert token.item() == 2
