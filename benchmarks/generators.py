@@ -186,6 +186,156 @@ def sample_speed(module, config, batch: int, repeats: int, device: torch.device)
     return result
 
 
+#################################################################################
+#            Sampling at the hardware limit (VAR-d6 / GPT at batch 16)          #
+#################################################################################
+
+VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256 px schedule, 680 tokens
+LIMIT_SAMPLING = {"cfg_scale": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}  # VAR's FID setting
+
+
+def limit_models(vocab: int, num_classes: int = 1000) -> dict:
+    """{name: (model, msvq or None)}: VAR-d6 on a 4096-code msvq (official scales) and a GPT of the same
+    width and depth (6 x 384, 16x16 = 256 tokens), random weights."""
+    from generators.gpt import GPT
+    from generators.var import build_var
+    from tokenizers.msvq import MultiScaleVQ
+
+    msvq = MultiScaleVQ(32, vocab, VAR_SCALES).eval()
+    var = build_var("VAR-d6", vocab_size=vocab, num_classes=num_classes, scales=VAR_SCALES, code_dim=32).eval()
+    gpt = GPT(vocab, num_classes, 256, dim=384, depth=6, heads=6).eval()
+    torch.nn.init.normal_(gpt.head.weight, std=0.02)  # LlamaGen zero-inits the head: give it non-flat logits
+    return {"VAR-d6": (var, msvq), "GPT-d6": (gpt, None)}
+
+
+def matmul_peak(n: int = 1536, repeats: int = 3) -> float:
+    """GFLOP/s of the best of ``repeats`` n x n x n fp32 matmuls (this process, this moment)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def forward_flops(model, labels, sampling, msvq) -> float:
+    """FLOPs of the forward passes of one generate: matmuls (FlopCounterMode) + attention (4 B H N T Dh)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from decoding.ar import generate
+
+    attn = [0.0]
+    sdpa = F.scaled_dot_product_attention
+
+    def counted(q, k, v, *args, **kwargs):
+        attn[0] += 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        return sdpa(q, k, v, *args, **kwargs)
+
+    total = [0.0]
+    entry = {name: getattr(model, name) for name in ("prefill", "step")}
+
+    def wrap(fn):
+        def inner(*args, **kwargs):
+            with FlopCounterMode(display=False) as counter:  # a counter resets when entered: one per call
+                out = fn(*args, **kwargs)
+            total[0] += counter.get_total_flops()
+            return out
+        return inner
+
+    for name, fn in entry.items():
+        setattr(model, name, wrap(fn))
+    F.scaled_dot_product_attention = counted
+    try:
+        generate(model, labels, sampling, torch.Generator().manual_seed(0), msvq)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for name in entry:
+            model.__dict__.pop(name, None)
+    return total[0] + attn[0]
+
+
+def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list[dict], str]:
+    """Per model: the new sampler (A) against the previous full-sort one (B), alternating over ``rounds``;
+    the share of time outside the forward passes, forward GFLOP/s against a matmul peak of the same round."""
+    import decoding.ar
+    import generators.var
+    from decoding.ar import generate
+    from decoding.sampling import sample_from_logits
+    from tests.test_sampling_equivalence import ref_sample_from_logits
+
+    samplers = {"new": sample_from_logits, "old": ref_sample_from_logits}
+
+    def use(fn):  # both call sites of the sampler
+        decoding.ar.sample_from_logits = fn
+        generators.var.sample_from_logits = fn
+
+    rows = []
+    for name, (model, msvq) in limit_models(vocab).items():
+        if only and name not in only:
+            continue
+        labels = torch.arange(batch) % 1000
+        flops = forward_flops(model, labels, LIMIT_SAMPLING, msvq)
+        timer = ForwardTimer(model, torch.device("cpu"))
+        per = {k: {"total": [], "outside": []} for k in samplers}
+        ratio, frac_peak, peaks = [], [], []
+        try:
+            for k, fn in samplers.items():  # warm-up
+                use(fn)
+                generate(model, labels, LIMIT_SAMPLING, torch.Generator().manual_seed(0), msvq)
+            for r in range(rounds):
+                order = list(samplers) if r % 2 == 0 else list(samplers)[::-1]
+                peak = matmul_peak()
+                fwd_new = None
+                for k in order:
+                    use(samplers[k])
+                    timer.seconds = 0.0
+                    t0 = time.perf_counter()
+                    generate(model, labels, LIMIT_SAMPLING, torch.Generator().manual_seed(r), msvq)
+                    total = time.perf_counter() - t0
+                    per[k]["total"].append(total)
+                    per[k]["outside"].append(1 - timer.seconds / total)
+                    if k == "new":
+                        fwd_new = timer.seconds
+                peak = max(peak, matmul_peak())  # the better of before and after the round
+                peaks.append(peak)
+                ratio.append(per["old"]["total"][-1] / per["new"]["total"][-1])
+                frac_peak.append(flops / fwd_new / 1e9 / peak)
+                print(f"{name} round {r}: new {per['new']['total'][-1]:.2f} s (outside "
+                      f"{100 * per['new']['outside'][-1]:.1f} %), old {per['old']['total'][-1]:.2f} s (outside "
+                      f"{100 * per['old']['outside'][-1]:.1f} %), forward {flops / fwd_new / 1e9:.1f} GFLOP/s, "
+                      f"peak {peak:.1f}", flush=True)
+        finally:
+            use(sample_from_logits)
+            for attr in ("prefill", "step"):
+                model.__dict__.pop(attr, None)
+        med = statistics.median
+        rows.append({"name": name, "params": sum(p.numel() for p in model.parameters()), "flops": flops,
+                     "outside_new": (med(per["new"]["outside"]), min(per["new"]["outside"]), max(per["new"]["outside"])),
+                     "outside_old": (med(per["old"]["outside"]), min(per["old"]["outside"]), max(per["old"]["outside"])),
+                     "speedup": (med(ratio), min(ratio), max(ratio)), "peak": med(peaks),
+                     "frac_peak": (med(frac_peak), min(frac_peak), max(frac_peak)),
+                     "gflops": med(frac_peak) * med(peaks)})
+    return rows, limit_table(rows, batch, vocab)
+
+
+def limit_table(rows: list[dict], batch: int, vocab: int) -> str:
+    def rng(t, pct=False):
+        f = (lambda x: f"{100 * x:.1f} %") if pct else (lambda x: f"{x:.2f}")
+        return f"{f(t[0])} [{f(t[1])}–{f(t[2])}]"
+
+    lines = [f"| model (batch {batch}, V {vocab}) | params | forward GFLOP / generate | outside forward passes, new "
+             "sampler | outside, previous sampler | sampling speed-up new / previous | forward GFLOP/s | matmul "
+             "peak GFLOP/s | forward / peak |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.0f} | {rng(r['outside_new'], True)} | "
+                     f"{rng(r['outside_old'], True)} | {rng(r['speedup'])} | {r['gflops']:.1f} | {r['peak']:.1f} | "
+                     f"{rng(r['frac_peak'], True)} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], batch: int) -> str:
     head = (f"| generator (tokenizer) | params | tokens | train steps/s (batch {batch}) | sampling images/s "
             f"(tokens only) | images/s incl. decode | target forward passes / image | sampling time outside "
@@ -217,9 +367,17 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--hardware-limit", action="store_true",
+                        help="VAR-d6 / GPT-d6 at cfg 1.5, top-k 900, top-p 0.96: time outside the forward passes "
+                             "(new vs previous sampler) and forward GFLOP/s against a matmul peak (CPU)")
+    parser.add_argument("--rounds", type=int, default=5, help="--hardware-limit: alternating A/B rounds")
+    parser.add_argument("--vocab", type=int, default=4096, help="--hardware-limit: codebook size")
+    parser.add_argument("--models", nargs="*", default=None, help="--hardware-limit: VAR-d6 and/or GPT-d6")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.hardware_limit:
+        return hardware_limit_main(args, argv)
     from generators.module import count_parameters
 
     started = machine(device)
@@ -249,6 +407,30 @@ def main(argv=None) -> int:
         with open(results, "a") as f:
             f.write(section)
         print(f"appended to {results}")
+    return 0
+
+
+def hardware_limit_main(args, argv) -> int:
+    from benchmarks.common import machine as machine_line, report
+
+    torch.manual_seed(args.seed)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    rows, text = hardware_limit(args.batch_size, args.rounds, args.vocab, args.models)
+    command = "python benchmarks/generators.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    section = (f"## Sampling at the hardware limit\n\n`{command.strip()}`, {datetime.date.today().isoformat()}, seed "
+               f"{args.seed}, {machine_line()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+               f"fp32, CPU; load average {load:.1f} at start and {os.getloadavg()[0]:.1f} at the end (other jobs "
+               f"share the machine), wall {time.perf_counter() - t0:.0f} s.\n"
+               f"Random weights; VAR-d6 on a {args.vocab}-code msvq with VAR's 256 px scales {list(VAR_SCALES)} "
+               f"(680 tokens), GPT-d6 = 6 layers x 384 on a 16x16 grid (256 tokens, LlamaGen blocks); sampling "
+               f"{LIMIT_SAMPLING} (CFG: batch {args.batch_size} runs as {2 * args.batch_size}). Per round, the new "
+               f"sampler and the previous full-sort one (tests/test_sampling_equivalence.py) each run one whole "
+               f"generate, alternating which goes first; {args.rounds} rounds, median [min–max]. Outside = 1 - "
+               f"(time inside prefill/step) / total. Forward GFLOP/s = counted FLOPs (matmuls by FlopCounterMode, "
+               f"attention 4 B H N T Dh) / time inside prefill/step; peak = best 1536^3 fp32 matmul measured "
+               f"before and after each round in the same process.\n\n" + text + "\n")
+    report(section, args.append)
     return 0
 
 
