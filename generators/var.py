@@ -344,7 +344,9 @@ class VAR(CachedBlocksMixin, nn.Module):
             # 3. guidance ramp, then top-k / top-p multinomial sampling
             if guided:
                 t = cfg * k / max(len(self.scales) - 1, 1)
-                logits = (1 + t) * logits[:B] - t * logits[B:]  # (B, s^2, V)
+                # (1 + t) cond - t uncond, in place: the same three roundings, no fresh (B, s^2, V) buffers
+                cond_logits, uncond_logits = logits[:B], logits[B:]
+                logits = cond_logits.mul_(1 + t).sub_(uncond_logits.mul_(t))  # (B, s^2, V)
             idx = sample_from_logits(logits, temperature, top_k, top_p, generator).view(B, s, s)
             indices.append(idx)
             # 4. add the scale to f_hat; the next scale's input is f_hat area-downsampled
