@@ -36,9 +36,10 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 # Our manual-optimization checkpoints are meant to hold the state after the step (batches_seen counts it).
 warnings.filterwarnings("ignore", message=r".*Using ModelCheckpoint with manual optimization.*")
-TASKS = ("tokenizer", "generator")
+TASKS = ("tokenizer", "generator", "drafter")
 # (best.ckpt monitor, its mode, the metric main() returns to a sweeper) by task
-TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss")}
+TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss"),
+               "drafter": ("val/loss", "min", "val/loss")}
 RESUME_KEYS = {"tokenizer": ("quantizer", "autoencoder"), "generator": ("name", "model")}
 
 
@@ -226,6 +227,13 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
     return datamodule, config, model
 
 
+def prepare_drafter_task(cfg: DictConfig, out: Path):
+    """(datamodule, config, model) of task=drafter (generators/drafter_module.py)."""
+    from generators.drafter_module import prepare_drafter_task as prepare
+
+    return prepare(cfg, out)
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the task's model from a composed config; returns (metrics, objects)."""
     if cfg.task not in TASKS:
@@ -238,7 +246,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     check_fresh_or_resuming(out, cfg.get("ckpt_path"))
     log.info("output folder: %s", out)
 
-    prepare = prepare_generator_task if cfg.task == "generator" else prepare_tokenizer_task
+    prepare = {"generator": prepare_generator_task, "drafter": prepare_drafter_task}.get(cfg.task, prepare_tokenizer_task)
     datamodule, config, model = prepare(cfg, out)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callback")
     if not cfg.trainer.get("enable_progress_bar", True):
@@ -268,7 +276,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         summary.update(tokenizer=config["tokenizer"].get("name"), grid=getattr(model, "last_grid", None),
                        protocol=f"per-image PSNR/SSIM on uint8, usage/perplexity over the whole {cfg.data.test_split} "
                                 f"split of {cfg.data.name} ({data_info['image_size']}px), EMA weights")
-    else:
+    elif cfg.task == "generator":
         summary.update(generator=config["generator"]["name"], tokenizer=config["tokenizer"],
                        grid=model.last_grid,
                        protocol=f"val/loss, val/acc: teacher-forced on the {cfg.data.val_split} split's token cache, "

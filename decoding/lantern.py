@@ -46,6 +46,8 @@ class LanternSettings:
     target: str = "mixture"  # relaxed target for sampled drafts: mixture (TV <= δ) | pointwise (LANTERN's rule)
     drafter: torch.nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # loaded by prepare
     neighbours: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)  # (V, k) int64
+    drafter_config: dict | None = dataclasses.field(default=None, init=False, repr=False)
+    checked_model: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.tree not in TREES:
@@ -66,24 +68,42 @@ class LanternSettings:
 
 
 def codebook_neighbours(config: dict, k: int, device) -> torch.Tensor:
-    """The (V, k) nearest-code table of the generator run's tokenizer (decoding/neighbours.py; the one hook)."""
-    from decoding.neighbours import neighbours_for_run  # noqa: WPS433 (wired by the lead)
+    """The (V, k) nearest-code table of the generator run's tokenizer (decoding/neighbours.py, cached beside the
+    tokenizer run; k is capped at V - 1)."""
+    from decoding.neighbours import codebook_neighbours as knn
 
-    return neighbours_for_run(config, k, device)
+    V = int(config["model_args"]["vocab_size"])
+    return knn(config["tokenizer"]["path"], min(k, V - 1), device)[0]
 
 
 def _prepare(settings: LanternSettings, config: dict, device) -> LanternSettings:
-    """Load the drafter run (checked against this generator run's hash) and the neighbour table."""
-    from generators.drafter_module import load_drafter
+    """Load the drafter run and the neighbour table; its pairing with the generator's weights is checked on the
+    first ``generate`` (the weights are what the drafter records)."""
+    from generators.draft_head import DraftHead
+    from utils.checkpoint import expect_kind, resolve_checkpoint
 
     if not settings.drafter_ckpt:
         raise ValueError("decoding=lantern needs a draft head: decoding.drafter_ckpt=<drafter run folder> "
                          "(python train.py task=drafter generator_ckpt=<this gpt run>)")
-    settings.drafter = load_drafter(settings.drafter_ckpt, config, device)
-    relaxed = settings.k > 0 and (settings.delta or 0) > 0 or (settings.lam or 1) > 1
+    dconfig, state, _ = resolve_checkpoint(settings.drafter_ckpt)
+    expect_kind(dconfig, "drafter", settings.drafter_ckpt)
+    head = DraftHead(**dconfig["model_args"])
+    head.load_state_dict(state)
+    settings.drafter, settings.drafter_config = head.to(device).eval(), dconfig
+    relaxed = settings.k > 0 and ((settings.delta or 0) > 0 or (settings.lam or 1) > 1)
     if relaxed:
         settings.neighbours = codebook_neighbours(config, settings.k, device)
     return settings
+
+
+def check_pairing_once(settings: LanternSettings, model) -> None:
+    """Refuse a drafter trained for another generator (weights hash; computed once per model object)."""
+    from generators.drafter_module import check_drafter_pairing, weights_hash
+
+    if settings.drafter_config is not None and settings.checked_model != id(model):
+        check_drafter_pairing(settings.drafter_config, weights_hash(model), settings.drafter_ckpt,
+                              "the generator being sampled")
+        settings.checked_model = id(model)
 
 
 def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: str = "mixture") -> Callable:
@@ -306,6 +326,7 @@ def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settin
     if settings.drafter is None:
         raise ValueError("decoding=lantern: the draft head is not loaded; pass decoding.drafter_ckpt and call "
                          "get_decoder('lantern').prepare(settings, run_config, device) first (sample.py does)")
+    check_pairing_once(settings, model)
     verify = lantern_verifier(settings.neighbours, model.vocab_size, settings.rule(), settings.target)
     settings.drafter.eval()
     return speculative_generate(model, settings.drafter, cond, sampling, verify, settings.depth, generator,
