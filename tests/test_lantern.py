@@ -153,12 +153,23 @@ def test_draft_head_training_lowers_the_loss():
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     tokens, labels = torch.randint(0, 16, (16, 16)), torch.randint(0, NC, (16,))
     g = torch.Generator().manual_seed(0)
-    losses = []
+    losses, ces, feats = [], [], []
     for _ in range(30):
         loss, parts = drafter_loss(head, model, tokens, labels, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        ces.append(float(parts["ce"]))
+        feats.append(float(parts["feature_loss"]))
     assert losses[-1] < 0.7 * losses[0]
+    assert ces[-1] < ces[0] and feats[-1] < 0.9 * feats[0]  # both terms, each against the target
+    # the parts are the EAGLE terms: SmoothL1 to the next feature, CE to the target's own next-token distribution
+    with torch.no_grad():
+        _, parts = drafter_loss(head, model, tokens, labels, noise_std=0.0, null_prob=0.0)
+        _, F_ = model(tokens, labels, return_hidden=True)
+        pred = head(model, F_[:, :-1], tokens[:, :-1])
+        ce = -(model.head(F_[:, 1:]).softmax(-1) * model.head(pred).log_softmax(-1)).sum(-1).mean()
+        assert torch.allclose(parts["ce"], ce, atol=1e-5)
+        assert torch.allclose(parts["feature_loss"], torch.nn.functional.smooth_l1_loss(pred, F_[:, 1:]), atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
