@@ -173,3 +173,38 @@ def test_draft_head_training_lowers_the_loss():
         assert torch.allclose(parts["ce"], ce, atol=1e-5)
         assert torch.allclose(parts["feature_loss"], torch.nn.functional.smooth_l1_loss(pred, F_[:, 1:]), atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("tree,branching", [("chain", ()), ("static", (3, 2, 1))])
+def test_greedy_equals_greedy_ar_with_fewer_forwards(tree, branching):
+    """Temperature 0, δ = 0: the same tokens as the reference sampler at every row length (CFG, batch 6); with an
+    oracle draft head (the target's own features) every draft is accepted: the drafts are aligned."""
+    model, head = toy(V=16, L=16, dim=32, depth=2)
+    greedy = SamplingConfig(cfg_scale=2.0, temperature=0.0)
+    cond = torch.arange(NC).repeat(2)
+    ref = model.sample(cond, greedy)
+    got, stats = speculative_generate(model, head, cond, greedy, lantern_verifier(None, 16, {"delta": 0.0}), 3,
+                                      None, tree, branching)
+    assert torch.equal(got, ref)
+    assert stats["target_forwards"] <= 16
+    oracle = Oracle(model.cls_embed.with_null(cond))
+    got, stats = speculative_generate(model, oracle, cond, greedy, lantern_verifier(None, 16, {"delta": 0.0}), 3,
+                                      None, tree, branching)
+    assert torch.equal(got, ref)
+    assert stats["target_forwards"] == 5 and set(stats["accepted_lengths"][:-1]) == {3}  # 1 + 4 x (3 + 1) tokens
+
+
+class Oracle(torch.nn.Module):
+    """A draft head that predicts the target's true next feature (teacher-forced target forward)."""
+
+    def __init__(self, labels):
+        super().__init__()
+        self.labels = labels
+
+    def forward(self, target, features, tokens):  # (B', n, D), (B', n) -> (B', n, D): F[:, 1:n+1]
+        _, h = target(torch.cat([tokens, tokens[:, -1:]], 1)[:, :target.block_size + 1], self.labels,
+                      return_hidden=True)
+        return torch.cat([h[:, 1:], h[:, -1:].expand(-1, tokens.shape[1] + 1 - h.shape[1], -1)], 1)
+
+    def logits(self, target, predicted):
+        return target.head(predicted).float()
