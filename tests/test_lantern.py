@@ -202,9 +202,13 @@ class Oracle(torch.nn.Module):
         self.labels = labels
 
     def forward(self, target, features, tokens):  # (B', n, D), (B', n) -> (B', n, D): F[:, 1:n+1]
+        """The true next feature, plus 10 x the error of the feature it was given (so the feature bookkeeping
+        of the decoder, committed and drafted, must be right for the drafts to be accepted)."""
         _, h = target(torch.cat([tokens, tokens[:, -1:]], 1)[:, :target.block_size + 1], self.labels,
-                      return_hidden=True)
-        return torch.cat([h[:, 1:], h[:, -1:].expand(-1, tokens.shape[1] + 1 - h.shape[1], -1)], 1)
+                      return_hidden=True)  # (B', min(n, L+1), D): h[:, i] = F[:, i]
+        m = h.shape[1]
+        nxt = torch.cat([h[:, 1:], h[:, -1:].expand(-1, tokens.shape[1] + 1 - m, -1)], 1)  # (B', n, D)
+        return nxt + 10.0 * (features - torch.cat([h, h[:, -1:].expand(-1, tokens.shape[1] - m, -1)], 1))
 
     def logits(self, target, predicted):
         return target.head(predicted).float()
