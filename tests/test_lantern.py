@@ -212,3 +212,24 @@ class Oracle(torch.nn.Module):
 
     def logits(self, target, predicted):
         return target.head(predicted).float()
+
+
+def test_relaxed_sequences_stay_within_the_composed_tv_bound():
+    """δ = 0.05 (mixture target, sampled drafts): TV(output joint, target joint) <= L δ (+ sampling noise of
+    2x10^4 sequences over 64 cells, about 0.02); always-accept breaks the bound."""
+    model, head = toy()
+    joint = analytic_joint(model, 1, SAMPLING)
+    cond = torch.full((20_000,), 1)
+    nbrs = torch.stack([torch.roll(torch.arange(V), -s) for s in range(1, V)], 1)
+    delta = 0.05
+
+    def tv_of(tokens):
+        idx = (tokens * (V ** torch.arange(L - 1, -1, -1))).sum(-1)
+        emp = torch.bincount(idx, minlength=len(joint)).double() / len(idx)
+        return 0.5 * float((emp - joint / joint.sum()).abs().sum())
+
+    tokens, stats = speculative_generate(model, head, cond, SAMPLING, lantern_verifier(nbrs, V, {"delta": delta}), 2,
+                                         torch.Generator().manual_seed(0))
+    assert tv_of(tokens) <= L * delta + 0.03, tv_of(tokens)
+    broken, _ = speculative_generate(model, head, cond, SAMPLING, always_accept, 2, torch.Generator().manual_seed(0))
+    assert tv_of(broken) > L * delta + 0.03, tv_of(broken)
