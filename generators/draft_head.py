@@ -33,7 +33,7 @@ class DraftHead(nn.Module):
         self.block = Block(dim, heads, mlp_ratio, 0.0, norm_eps, multiple_of, kv_heads)
 
     @classmethod
-    def for_target(cls, target: GPT) -> "DraftHead":
+    def for_target(cls, target: GPT) -> DraftHead:
         """A head of the target's width and attention heads (its own SwiGLU width: mlp_ratio 4)."""
         attn = target.blocks[0].attn
         return cls(target.dim, attn.heads, kv_heads=attn.kv_heads)
@@ -60,7 +60,7 @@ def drafter_loss(head: DraftHead, target: GPT, tokens: torch.Tensor, labels: tor
     Labels are replaced by the null class with probability ``null_prob`` (conditional and unconditional
     features, for CFG). The target runs frozen (no grad, eval mode semantics: no dropout).
     """
-    B, L = tokens.shape
+    B = tokens.shape[0]
     if null_prob > 0:
         drop = torch.rand(B, device=labels.device, generator=generator) < null_prob
         labels = torch.where(drop, torch.full_like(labels, target.num_classes), labels)

@@ -68,7 +68,7 @@ def self_data(target, out: Path, num: int, chunk: int, num_classes: int, samplin
             n = min(chunk, num - start)
             labels = torch.randint(0, num_classes, (n,), generator=g, device=device)
             codes = target.sample(labels, sampling, g)  # (n, L)
-            atomic_replace(lambda tmp: save_file({"codes": codes.cpu().int(), "labels": labels.cpu()}, tmp), path)
+            atomic_replace(lambda tmp, c=codes, y=labels: save_file({"codes": c.cpu().int(), "labels": y.cpu()}, tmp), path)
             log.info("self-distillation data: chunk %d (%d sequences) -> %s", i, n, path)
         parts.append(load_file(str(path)))
     tensors = {k: torch.cat([p[k] for p in parts]) for k in ("codes", "labels")}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from decoding.lantern import (_tree, commit_path, lantern_verifier, speculative_generate, tree_step)
+from decoding.lantern import _tree, commit_path, lantern_verifier, speculative_generate, tree_step
 from decoding.sampling import SamplingConfig, cfg_split_combine, logits_to_probs
 from generators.draft_head import DraftHead, drafter_loss
 from generators.gpt import GPT
@@ -94,7 +94,7 @@ def test_delta_zero_equals_k_zero_and_relaxation_changes_tokens():
 
     a, sa = run(lantern_verifier(nbrs, 8, {"delta": 0.0}))
     b, _ = run(lantern_verifier(None, 8, {"delta": 0.5}))
-    c, sc = run(lantern_verifier(nbrs, 8, {"delta": 0.5}))
+    _, sc = run(lantern_verifier(nbrs, 8, {"delta": 0.5}))
     assert torch.equal(a, b)
     assert sc["mean_accepted_length"] > sa["mean_accepted_length"]
 
@@ -228,7 +228,7 @@ def test_relaxed_sequences_stay_within_the_composed_tv_bound():
         emp = torch.bincount(idx, minlength=len(joint)).double() / len(idx)
         return 0.5 * float((emp - joint / joint.sum()).abs().sum())
 
-    tokens, stats = speculative_generate(model, head, cond, SAMPLING, lantern_verifier(nbrs, V, {"delta": delta}), 2,
+    tokens, _ = speculative_generate(model, head, cond, SAMPLING, lantern_verifier(nbrs, V, {"delta": delta}), 2,
                                          torch.Generator().manual_seed(0))
     assert tv_of(tokens) <= L * delta + 0.03, tv_of(tokens)
     broken, _ = speculative_generate(model, head, cond, SAMPLING, always_accept, 2, torch.Generator().manual_seed(0))

@@ -40,7 +40,7 @@ def test_drafter_kill_resume_equals_uninterrupted_and_lowers_loss(gpt_runs, tmp_
     (gpt, _), root = gpt_runs
     run = drafter_overrides(gpt, root, "trainer.max_steps=9", "callbacks.last_checkpoint.every_n_train_steps=5",
                             "trainer.val_check_interval=9", "trainer.log_every_n_steps=1")
-    metrics, _ = train(compose_config("train", run, tmp_path / "ref"))
+    train(compose_config("train", run, tmp_path / "ref"))
     kill = ["+callbacks.kill._target_=tests.test_generator_training.RaiseAtStep", "+callbacks.kill.step=7"]
     with pytest.raises(Killed):
         train(compose_config("train", run + kill, tmp_path / "run"))
@@ -53,7 +53,8 @@ def test_drafter_kill_resume_equals_uninterrupted_and_lowers_loss(gpt_runs, tmp_
         assert torch.allclose(ref[k], got[k], atol=1e-5), k
     # the live head's training loss went down over the run (lr 3e-3, 9 steps)
     import csv
-    rows = list(csv.DictReader(open(next((tmp_path / "ref").rglob("metrics.csv")))))
+    with open(next((tmp_path / "ref").rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 9 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
 
