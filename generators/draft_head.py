@@ -8,8 +8,9 @@ into the draft logits of token i + 1. The token embedding is the target's (froze
 
 Loss (EAGLE): SmoothL1(F̂, F) + 0.1 x cross-entropy of the draft logits against the target's distribution
 softmax(head(F)) (soft labels). Feature noise: F + U(-a, a) with a = std x sqrt(3), i.e. uniform noise whose
-*standard deviation* is ``noise_std`` (0.2 by default; EAGLE's code adds U(-0.1, 0.1), std 0.058, and calls its
-std 0.2 parameter; we read "std" literally).
+*standard deviation* is ``noise_std`` (0.2 by default). "Uniform noise with std 0.2" is read literally here;
+EAGLE's training code (as recalled, not re-checked) names its parameter std but scales a centred U(0, 1) draw by
+0.2 x 512 / sequence length, i.e. a width rather than a standard deviation.
 """
 from __future__ import annotations
 
