@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", message=r".*Using ModelCheckpoint with manual 
 # loader). tokar's resume is exact without one: data.datamodule.ResumableSampler restarts at the batch the
 # checkpoint's batches_seen counts (tests/test_train.py checks the resumed weights equal the uninterrupted run's).
 warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
-TASKS = ("tokenizer", "generator")
+TASKS = ("tokenizer", "generator", "drafter")
 HELP = """python train.py task=<task> [group=option ...] [key=value ...]: train a tokar model.
 
 Tasks:
@@ -52,6 +52,8 @@ Tasks:
   task=generator  a class-conditional generator of a finished tokenizer run's codes
                     python train.py task=generator generator=var tokenizer_ckpt=outputs/tokenizer/<time>
                   (generator=var needs tokenizer=msvq, flowar tokenizer=kl, gpt a single-scale discrete one)
+  task=drafter    LANTERN's draft head for a finished GPT run (decoding=lantern)
+                    python train.py task=drafter generator_ckpt=outputs/generator/<time>
 Resume a killed run:  python train.py ckpt_path=outputs/<task>/<time>   (its folder or checkpoints/last.ckpt)
 Outputs: outputs/<task>/<time>/: checkpoints/, model.safetensors + config.yaml, metrics.json, csv/metrics.csv"""
 # the values a run cannot use, checked before anything is created: (low, low inclusive, high, high inclusive)
@@ -61,7 +63,7 @@ TRAIN_RANGES = {"data.image_size": (1, True, None, False), "data.channels": (1, 
                 "trainer.max_steps": (-1, True, None, False), "trainer.log_every_n_steps": (1, True, None, False),
                 "trainer.limit_val_batches": (0, True, None, False)}
 # the monitor of each task's configs/task/<task>.yaml: an experiment that sets the `task` key instead of the group
-TASK_MONITOR = {"tokenizer": "val/psnr", "generator": "val/loss"}
+TASK_MONITOR = {"tokenizer": "val/psnr", "generator": "val/loss", "drafter": "val/loss"}
 RESUME_KEYS = {"tokenizer": ("quantizer", "autoencoder"), "generator": ("name", "model")}
 
 
@@ -119,7 +121,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """A ValueError naming the setting a run cannot use: an unknown task, a value out of range."""
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task} is not available; choose one of {', '.join(TASKS)}")
-    others = {m: t for t, m in TASK_MONITOR.items() if t != cfg.task}
+    others = {m: t for t, m in TASK_MONITOR.items() if m != TASK_MONITOR[cfg.task]}
     if cfg.monitor.metric in others:
         raise ValueError(f"task={cfg.task} with monitor.metric={cfg.monitor.metric} (task={others[cfg.monitor.metric]}"
                          f"'s metric): select the task with the task group (task={cfg.task}, in an experiment "
@@ -260,6 +262,13 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
     return datamodule, config, model
 
 
+def prepare_drafter_task(cfg: DictConfig, out: Path):
+    """(datamodule, config, model) of task=drafter (generators/drafter_module.py)."""
+    from generators.drafter_module import prepare_drafter_task as prepare
+
+    return prepare(cfg, out)
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the task's model from a composed config; returns (metrics, objects)."""
     check_train_config(cfg)
@@ -276,7 +285,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     remove_stale_temp_files(out)
     log.info("output folder: %s", out)
 
-    prepare = prepare_generator_task if cfg.task == "generator" else prepare_tokenizer_task
+    prepare = {"generator": prepare_generator_task, "drafter": prepare_drafter_task}.get(cfg.task, prepare_tokenizer_task)
     datamodule, config, model = prepare(cfg, out)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callback") + [FlushLogsOnCheckpoint()]
     if not cfg.trainer.get("enable_progress_bar", True):
@@ -306,7 +315,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         summary.update(tokenizer=config["tokenizer"].get("name"), grid=getattr(model, "last_grid", None),
                        protocol=f"per-image PSNR/SSIM on uint8, usage/perplexity over {scored_images(cfg, datamodule)} "
                                 f"({data_info['image_size']}px), EMA weights")
-    else:
+    elif cfg.task == "generator":
         summary.update(generator=config["generator"]["name"], tokenizer=config["tokenizer"],
                        grid=model.last_grid,
                        protocol=f"val/loss, val/acc: teacher-forced on the {cfg.data.val_split} split's token cache, "

@@ -182,6 +182,10 @@ def build_model(kind: str, config: dict) -> torch.nn.Module:
         from generators.module import build_generator
 
         return build_generator(config)
+    if kind == "drafter":
+        from generators.draft_head import DraftHead
+
+        return DraftHead(**config["model_args"])
     raise CheckpointError(f"loading {kind} runs is not available yet")
 
 

@@ -1,0 +1,333 @@
+"""Draft-head speculative decoding with LANTERN's relaxed acceptance (``decoding=lantern``) for the raster GPT.
+
+One iteration per target forward, every row on its own length n_b (tokens 0..n_b-1 fixed):
+1. token n_b is drawn from the distribution the last verification left for it (the target's next-token
+   distribution after a full acceptance, else the residual of the first rejection);
+2. the draft head (generators/draft_head.py) drafts x_1..x_D from the target's feature at slot n_b and the
+   token embeddings, each x_j ~ q_j (the draft logits after the same CFG / temperature / top-k / top-p);
+3. ``tree=chain``: one target step feeds [token n_b, x_1..x_D] at per-row positions; ``tree=static``: an
+   EAGLE-1-style fixed tree (``branching``: the children per depth, siblings drawn without replacement)
+   is fed in one step with a tree mask, and the accepted path is compacted with ``move_cache``;
+4. ``verify(p, q, x, u) -> (accepted, residual)`` (one position, batched; ``lantern_verifier``: LANTERN's
+   δ / λ rule over the neighbour table) runs from the root; a row keeps every draft up to its first rejection
+   (tree: the first accepted sibling at each depth; a rejected sibling's residual is the next one's target)
+   and rolls its cache back to what it kept. The acceptance rule is the only thing a caller passes in.
+
+δ = 0, λ = 1 or k = 0 is standard speculative sampling (exact). Stats: accepted_lengths (per row-iteration,
+drafts kept), mean_accepted_length (mean of accepted + 1 per row-iteration), step_compression (tokens per
+target forward).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from decoding.lantern_accept import TARGETS, lantern_verify, sample_from_uniform, validate_neighbours
+from decoding.registry import register
+from decoding.sampling import SamplingConfig, cfg_split_combine, logits_to_probs
+
+TREES = ("chain", "static")
+
+
+@dataclass
+class LanternSettings:
+    """decoding=lantern's settings."""
+
+    drafter_ckpt: str | None = None  # the drafter run (train.py task=drafter generator_ckpt=<this GPT run>)
+    depth: int = 5  # D: drafted tokens per target forward (chain) / tree depth (static)
+    tree: str = "chain"  # chain | static
+    branching: tuple = (2, 2, 1, 1, 1)  # static tree: children per node at each depth (len == depth)
+    delta: float | None = 0.1  # LANTERN's TV budget (0 = standard speculative sampling)
+    lam: float | None = None  # LANTERN++'s λ >= 1 (set delta=null to use it)
+    k: int = 1000  # neighbours per code (0 = standard speculative sampling)
+    target: str = "mixture"  # relaxed target for sampled drafts: mixture (TV <= δ) | pointwise (LANTERN's rule)
+    drafter: torch.nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # loaded by prepare
+    neighbours: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)  # (V, k) int64
+    drafter_config: dict | None = dataclasses.field(default=None, init=False, repr=False)
+    checked_model: int | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.tree not in TREES:
+            raise ValueError(f"decoding.tree={self.tree!r}; choose one of {', '.join(TREES)}")
+        if self.depth < 1:
+            raise ValueError(f"decoding.depth={self.depth} must be >= 1")
+        if self.target not in TARGETS:
+            raise ValueError(f"decoding.target={self.target!r}; choose one of {', '.join(TARGETS)}")
+        if (self.delta is None) == (self.lam is None):
+            raise ValueError("set exactly one of decoding.delta (LANTERN) or decoding.lam (LANTERN++; then "
+                             "decoding.delta=null)")
+        self.branching = tuple(int(b) for b in self.branching)
+        if self.tree == "static" and (len(self.branching) != self.depth or min(self.branching) < 1):
+            raise ValueError(f"decoding.branching={list(self.branching)} must list depth={self.depth} counts >= 1")
+
+    def rule(self) -> dict:
+        return {"delta": self.delta} if self.delta is not None else {"lam": self.lam}
+
+
+def codebook_neighbours(config: dict, k: int, device) -> torch.Tensor:
+    """The (V, k) nearest-code table of the generator run's tokenizer (decoding/neighbours.py, cached beside the
+    tokenizer run; k is capped at V - 1)."""
+    from decoding.neighbours import codebook_neighbours as knn
+
+    V = int(config["model_args"]["vocab_size"])
+    return knn(config["tokenizer"]["path"], min(k, V - 1), device)[0]
+
+
+def _prepare(settings: LanternSettings, config: dict, device) -> LanternSettings:
+    """Load the drafter run and the neighbour table; its pairing with the generator's weights is checked on the
+    first ``generate`` (the weights are what the drafter records)."""
+    from generators.draft_head import DraftHead
+    from utils.runs import check_kind, read_checkpoint
+
+    if not settings.drafter_ckpt:
+        raise ValueError("decoding=lantern needs a draft head: decoding.drafter_ckpt=<drafter run folder> "
+                         "(python train.py task=drafter generator_ckpt=<this gpt run>)")
+    dconfig, state, _, _ = read_checkpoint(settings.drafter_ckpt)
+    check_kind(dconfig, "drafter", settings.drafter_ckpt, role="decoding.drafter_ckpt")
+    head = DraftHead(**dconfig["model_args"])
+    head.load_state_dict(state)
+    settings.drafter, settings.drafter_config = head.to(device).eval(), dconfig
+    relaxed = settings.k > 0 and ((settings.delta or 0) > 0 or (settings.lam or 1) > 1)
+    if relaxed:
+        settings.neighbours = codebook_neighbours(config, settings.k, device)
+    return settings
+
+
+def check_pairing_once(settings: LanternSettings, model) -> None:
+    """Refuse a drafter trained for another generator (weights hash; computed once per model object)."""
+    from generators.drafter_module import check_drafter_pairing, weights_hash
+
+    if settings.drafter_config is not None and settings.checked_model != id(model):
+        check_drafter_pairing(settings.drafter_config, weights_hash(model), settings.drafter_ckpt,
+                              "the generator being sampled")
+        settings.checked_model = id(model)
+
+
+def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: str = "mixture") -> Callable:
+    """The relaxed acceptance as ``verify(p, q, x, u) -> (accept (B,) bool, residual (B, V))``: p, q (B, V),
+    x, u (B,). nbrs None or k = 0: standard speculative sampling."""
+    if nbrs is None:
+        nbrs = torch.zeros(vocab, 0, dtype=torch.long)
+    validate_neighbours(nbrs)
+
+    def verify(p, q, x, u):
+        verdict = lantern_verify(p, q, x, u, nbrs.to(p.device), target=target, **rule)
+        return verdict.accept, verdict.residual
+    return verify
+
+
+def _probs(logits: torch.Tensor, B: int, sampling: SamplingConfig, guided: bool) -> torch.Tensor:
+    """(B', ..., V) logits -> (B, ..., V) sampling distribution (CFG on the [cond; uncond] batch)."""
+    if guided:
+        logits = cfg_split_combine(logits, sampling.cfg_scale)
+    return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+
+
+def _uniform(shape, device, generator) -> torch.Tensor:
+    return torch.rand(shape, device=device, generator=generator)
+
+
+@torch.no_grad()
+def speculative_generate(model, drafter, cond: torch.Tensor, sampling: SamplingConfig, verify: Callable,
+                         depth: int = 5, generator: torch.Generator | None = None, tree: str = "chain",
+                         branching: tuple = ()) -> tuple[torch.Tensor, dict]:
+    """Draft-head speculative decoding -> (tokens (B, L) int64, stats). See the module docstring."""
+    sampling = SamplingConfig.from_any(sampling)
+    if sampling.cfg_interval >= 0:
+        raise ValueError("decoding=lantern applies CFG to every token; set sampling.cfg_interval=-1")
+    B, L, dev = cond.shape[0], model.block_size, cond.device
+    guided = sampling.cfg_scale != 1.0
+    labels = model.cls_embed.with_null(cond) if guided else cond  # (B',)
+    R = labels.shape[0] // B  # 2 with CFG
+    nodes, parent, node_depth = _tree(depth, tree, branching)
+    N = len(nodes)  # draft nodes (chain: D)
+    model.setup_cache(labels.shape[0], L + N + 3, device=dev)
+    logits, h = model.prefill(labels, return_hidden=True)  # (B', 1, V), (B', 1, D)
+    feats = torch.zeros(labels.shape[0], L + 1, model.dim, dtype=h.dtype, device=dev)  # F[:, i] predicts token i
+    feats[:, 0] = h[:, 0]
+    tokens = torch.zeros(B, L + 1, dtype=torch.long, device=dev)  # token L: scratch
+    n = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) fixed tokens per row
+    nxt = _probs(logits[:, 0], B, sampling, guided)  # (B, V) distribution of token n
+    rows = torch.arange(B, device=dev)
+    accepted_lengths, forwards = [], 1
+    while bool((n < L).any()):
+        active = n < L  # (B,)
+        # 1. token n from the distribution the last verification left
+        t0 = sample_from_uniform(nxt, _uniform((B,), dev, generator))  # (B,)
+        tokens[rows, n.clamp(max=L)] = torch.where(active, t0, tokens[rows, n.clamp(max=L)])
+        if bool((n[active] == L - 1).all()):  # every active row just drew its last token
+            break
+        # 2. draft the tree (chain: one node per depth) with the draft head
+        x, q = _draft(model, drafter, feats, tokens, n, nodes, parent, node_depth, B, R, sampling, guided,
+                      generator)  # (B, N), (B, N, V)
+        # 3. one target forward over [t0, nodes] (tree mask, per-row positions)
+        lg, hh, tok_idx, slots = tree_step(model, n, t0, x, parent, node_depth, R)  # (B', N+1, V), (B', N+1, D)
+        forwards += 1
+        p = _probs(lg, B, sampling, guided)  # (B, N+1, V): p[:, j] predicts the token after input j
+        # 4. verify along the tree: walk from the root, trying siblings in order (chain: one per depth)
+        path, keep, nxt = _walk(verify, p, q, x, parent, node_depth, depth, tok_idx, L, generator)
+        # path (B, depth) node ids (-1 beyond), keep (B,) accepted drafts, nxt (B, V) distribution of the next token
+        keep = torch.where(active, keep, torch.zeros_like(keep))
+        accepted_lengths.append(keep[active])
+        inputs_kept = commit_path(model, n, slots, path, keep, R)  # (B, depth+1) indices into the step's inputs
+        kept_x = x.gather(1, path.clamp(min=0))  # (B, depth)
+        for d in range(depth):  # at most depth small scatters per iteration
+            ok = active & (d < keep)
+            idx = (n + 1 + d).clamp(max=L)
+            tokens[rows, idx] = torch.where(ok, kept_x[:, d], tokens[rows, idx])
+        hk = hh.gather(1, inputs_kept.repeat(R, 1)[:, :, None].expand(-1, -1, hh.shape[-1]))  # (B', depth+1, D)
+        for d in range(depth + 1):
+            ok = (active & (d <= keep)).repeat(R)
+            idx = (n + 1 + d).clamp(max=L).repeat(R)
+            cur = feats[torch.arange(labels.shape[0], device=dev), idx]
+            feats[torch.arange(labels.shape[0], device=dev), idx] = torch.where(ok[:, None], hk[:, d], cur)
+        n = torch.where(active, (n + 1 + keep).clamp(max=L), n)
+    model.free_cache()
+    acc = torch.cat(accepted_lengths).float() if accepted_lengths else torch.zeros(0)
+    stats = {"accepted_lengths": acc.long().tolist(), "mean_accepted_length": float((acc + 1).mean()),
+             "step_compression": L / forwards, "target_forwards": forwards}
+    return tokens[:, :L], stats
+
+
+def tree_step(model, n: torch.Tensor, t0: torch.Tensor, x: torch.Tensor, parent: torch.Tensor,
+              node_depth: torch.Tensor, R: int = 1):
+    """One target forward over [t0, the N draft nodes] for rows at lengths n (B,): t0 (B,) is token n, node j
+    (B,) is token n + depth(j) on the path of its parents. Input 0 sits at slot n + 1, node j at slot n + 2 + j,
+    with position ids = token index + 1 and a tree mask (ancestors + the committed prefix).
+    -> (logits (B', N+1, V), hidden (B', N+1, D), token indices (B, N+1), slots (B, N+1))."""
+    L, N, dev = model.block_size, x.shape[1], n.device
+    inp = torch.cat([t0[:, None], x], 1).repeat(R, 1)  # (B', N+1)
+    tok_idx = torch.cat([n[:, None], n[:, None] + node_depth.to(dev)[None]], 1)  # (B, N+1)
+    slots = torch.cat([n[:, None] + 1, n[:, None] + 2 + torch.arange(N, device=dev)[None]], 1)  # (B, N+1)
+    mask = _tree_mask(n, slots, parent, model.blocks[0].attn.cache.max_len)  # (B, N+1, T)
+    lg, hh = model.step(inp, (tok_idx + 1).clamp(max=L).repeat(R, 1), mask=mask.repeat(R, 1, 1),
+                        slots=slots.repeat(R, 1), return_hidden=True)
+    return lg, hh, tok_idx, slots
+
+
+def commit_path(model, n: torch.Tensor, slots: torch.Tensor, path: torch.Tensor, keep: torch.Tensor, R: int = 1):
+    """Compact the accepted path into consecutive slots (slot of token i = i + 1) and roll every row back to
+    class + its tokens up to the first unverified one; path (B, depth) node ids, keep (B,) accepted nodes.
+    -> (B, depth+1) indices into the step's inputs of [t0, path] (beyond keep: t0, unused)."""
+    depth, dev = path.shape[1], n.device
+    inputs_kept = torch.cat([torch.zeros_like(n)[:, None], path.clamp(min=0) + 1], 1)  # (B, depth+1)
+    src = slots.gather(1, inputs_kept)  # (B, depth+1)
+    dst = n[:, None] + 1 + torch.arange(depth + 1, device=dev)[None]  # (B, depth+1)
+    valid = torch.arange(depth + 1, device=dev)[None] <= keep[:, None]
+    model.move_cache(torch.where(valid, src, dst).repeat(R, 1), dst.repeat(R, 1))
+    model.rollback((n + 2 + keep).repeat(R))  # class + tokens 0..n+keep
+    return inputs_kept
+
+
+def _tree(depth: int, tree: str, branching: tuple):
+    """Node list of the draft tree: (nodes, parent (N,) with -1 = root t0, depth (N,) 1-based), BFS order."""
+    counts = [1] * depth if tree == "chain" else list(branching)
+    nodes, parent, node_depth, frontier = [], [], [], [-1]
+    for d, c in enumerate(counts):
+        nxt = []
+        for par in frontier:
+            for _ in range(c):
+                nodes.append(len(nodes))
+                parent.append(par)
+                node_depth.append(d + 1)
+                nxt.append(len(nodes) - 1)
+        frontier = nxt
+    return nodes, torch.tensor(parent), torch.tensor(node_depth)
+
+
+def _tree_mask(n: torch.Tensor, slots: torch.Tensor, parent: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, N+1, T) bool: input j sees the committed slots <= n and the slots of its ancestors (and itself)."""
+    N = parent.shape[0]
+    anc = torch.eye(N + 1, dtype=torch.bool)  # (N+1, N+1) input j's ancestors incl. itself; input 0 = t0
+    for j in range(N):
+        anc[j + 1] |= anc[int(parent[j]) + 1]
+    anc = anc.to(n.device)
+    base = torch.arange(T, device=n.device)[None, None] <= n[:, None, None]  # (B, 1, T) class + tokens < n
+    tree = torch.zeros(n.shape[0], N + 1, T, dtype=torch.bool, device=n.device)
+    tree.scatter_(2, slots[:, None, :].expand(-1, N + 1, -1), anc[None].expand(n.shape[0], -1, -1))
+    return base | tree
+
+
+def _draft(model, drafter, feats, tokens, n, nodes, parent, node_depth, B, R, sampling, guided, generator):
+    """Draft every tree node -> (x (B, N) int64, q (B, N, V)); siblings are drawn without replacement.
+
+    The head runs causally over the row's history; a node at depth d sees its ancestors' predicted features,
+    so nodes are drafted depth by depth on per-path copies of the history (chain: one copy).
+    """
+    N, dev, L = len(nodes), feats.device, model.block_size
+    Bp = feats.shape[0]
+    x = torch.zeros(B, N, dtype=torch.long, device=dev)
+    q = torch.zeros(B, N, model.vocab_size, device=dev)
+    # per node, the history copy it extends: (feature buffer, token buffer) per path, keyed by parent
+    hist = {-1: (feats.clone(), tokens.clone())}
+    ar = torch.arange(Bp, device=dev)
+    for d in range(1, int(node_depth.max()) + 1):
+        for par in sorted({int(parent[j]) for j in range(N) if int(node_depth[j]) == d}):
+            f, t = hist[par]
+            pos = (n + d - 1).clamp(max=L)  # (B,) input index of the parent's token
+            pred = drafter(model, f, t[:, :f.shape[1]].repeat(R, 1))  # (B', L+1, D) predicts F[:, i+1]
+            fe = pred[ar, pos.repeat(R)]  # (B', D) predicted feature of token n + d
+            probs = _probs(drafter.logits(model, fe), B, sampling, guided)  # (B, V)
+            kids = [j for j in range(N) if int(parent[j]) == par]
+            left = probs.clone()
+            for j in kids:  # siblings without replacement (q of later siblings: renormalised leftovers)
+                qj = left / left.sum(-1, keepdim=True).clamp(min=1e-30)
+                xj = sample_from_uniform(qj, _uniform((B,), dev, generator))
+                x[:, j], q[:, j] = xj, qj
+                left = left.scatter(-1, xj[:, None], 0.0)
+                f2, t2 = f.clone(), t.clone()
+                idx = (n + d).clamp(max=L)
+                f2[ar, idx.repeat(R)] = fe.to(f2.dtype)
+                t2[torch.arange(B, device=dev), idx] = xj
+                hist[j] = (f2, t2)
+    return x, q
+
+
+def _walk(verify, p, q, x, parent, node_depth, depth, tok_idx, L, generator):
+    """Verify from the root: at each depth try the current node's children in order; a rejected sibling's
+    residual is the target of the next one (recursive rejection sampling; siblings were drafted without
+    replacement, each verified with the distribution it was drawn from) -> (path (B, depth) node ids, -1 beyond
+    the last kept; keep (B,) kept drafts; the next token's distribution (B, V))."""
+    B, N, dev = x.shape[0], x.shape[1], x.device
+    kids = [[j for j in range(N) if int(parent[j]) == c] for c in range(-1, N)]  # children of input c+1
+    width = max(len(c) for c in kids)
+    table = torch.tensor([c + [-1] * (width - len(c)) for c in kids], device=dev)  # (N+1, width), -1 = none
+    path = torch.full((B, depth), -1, dtype=torch.long, device=dev)
+    keep = torch.zeros(B, dtype=torch.long, device=dev)
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    cur = torch.full((B,), -1, dtype=torch.long, device=dev)  # current node (-1 = t0, input 0)
+    target = p[:, 0]  # (B, V) distribution of the token after t0
+    rows = torch.arange(B, device=dev)
+    for d in range(depth):
+        chosen = torch.full((B,), -1, dtype=torch.long, device=dev)
+        for s in range(width):
+            kid = table[cur + 1, s]  # (B,)
+            kc = kid.clamp(min=0)
+            try_it = alive & (chosen < 0) & (kid >= 0) & (tok_idx[rows, kc + 1] < L)
+            acc, resid = verify(target, q[rows, kc], x[rows, kc], _uniform((B,), dev, generator))
+            acc = acc & try_it
+            chosen = torch.where(acc, kid, chosen)
+            target = torch.where((try_it & ~acc)[:, None], resid, target)
+        ok = chosen >= 0
+        path[:, d] = chosen
+        keep = keep + ok.long()
+        alive = alive & ok
+        cur = torch.where(ok, chosen, cur)
+        target = torch.where(ok[:, None], p[rows, cur + 1], target)
+    return path, keep, target
+
+
+@register("lantern", applies_to=("gpt",), settings=LanternSettings, prepare=_prepare)
+def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settings: LanternSettings):
+    """Draft-head speculative decoding with relaxed acceptance -> (tokens (B, L), stats)."""
+    if settings.drafter is None:
+        raise ValueError("decoding=lantern: the draft head is not loaded; pass decoding.drafter_ckpt and call "
+                         "get_decoder('lantern').prepare(settings, run_config, device) first (sample.py does)")
+    check_pairing_once(settings, model)
+    verify = lantern_verifier(settings.neighbours, model.vocab_size, settings.rule(), settings.target)
+    settings.drafter.eval()
+    return speculative_generate(model, settings.drafter, cond, sampling, verify, settings.depth, generator,
+                                settings.tree, settings.branching)
