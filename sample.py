@@ -6,7 +6,9 @@ of originals above their reconstructions, print PSNR and SSIM, and write metrics
 With a generator run (the tokenizer it names is loaded and its hash checked):
     python sample.py ckpt=<generator run> decoding=ar [cfg_scale=.. top_k=.. top_p=.. temperature=..]
 writes grid.png (one row per class, `samples_per_class` columns) and prints images/s and target
-forward passes per image, with and without the tokenizer's decode. `fid.num_samples=N` also samples
+forward passes per image, with and without the tokenizer's decode, the step compression (tokens per
+target forward) and a speculative method's mean accepted length; `compare_ar=true` also times
+decoding=ar on the same batches from the same seed and prints the latency ratio. `fid.num_samples=N` also samples
 N images balanced over the classes and scores them against the cached reference statistics of the
 dataset's test split (`fid.save_samples=true` keeps them as PNGs). Under torchrun (WORLD_SIZE > 1)
 each rank samples its share, seeded seed * world + rank, and the FID states are summed over ranks.

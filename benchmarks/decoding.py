@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 import time
@@ -120,6 +121,9 @@ def main() -> None:
     parser.add_argument("--fid-seeds", type=int, nargs="+", default=[0, 1, 2], help="ar's FID seeds (spread)")
     parser.add_argument("--reference-images", type=int, default=1000)
     parser.add_argument("--no-fid", action="store_true")
+    parser.add_argument("--no-speed", action="store_true", help="FID only (run the speed rows in another process)")
+    parser.add_argument("--fid-methods", nargs="*", default=None, help="FID only for these methods (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -147,26 +151,33 @@ def main() -> None:
     rows = []
     for label, decoder, settings in methods:
         row = {"method": label}
-        for b in args.batches:
+        for b in ([] if args.no_speed else args.batches):
             st = step_stats(decoder, settings, model, sampling, labels, b, args.seed)
             row[f"sc{b}"], row[f"acc{b}"] = st["step_compression"], st["mean_accepted_length"]
             row.setdefault("by_index", st.get("acceptance_by_draft_index"))
             if decoder.name != "ar":
                 row[f"lat{b}"] = latency_ratio(decoder, settings, ar, model, sampling, labels[:b], args.rounds,
                                                args.seed)
-        if not args.no_fid:
+        if not args.no_fid and (args.fid_methods is None or label in args.fid_methods):
             row["fid"] = (fid_of[("ar", args.fid_seeds[0])] if decoder.name == "ar" else
                           generator_fid(model, tokenizer, config, args.fid_samples, sampling, 250, args.fid_seeds[0],
                                         device, "test", args.reference_images, decoder=decoder, settings=settings)["fid"])
         rows.append(row)
         print(row, flush=True)
     entropy = ar_entropy(model, sampling, labels[:64], args.seed)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "ar_fids": {str(k[1]): v for k, v in fid_of.items()},
+                                         "entropy": entropy, "argv": sys.argv}, indent=2))
+    if args.no_speed:
+        print({"ar_fids": fid_of, "rows": rows, "entropy": entropy})
+        return
 
     fids = [fid_of[("ar", s)] for s in args.fid_seeds] if fid_of else []
     b1, b16 = args.batches[0], args.batches[-1]
     lines = [f"## Decoding: speculative methods vs ar on one GPT ({datetime.date.today()})", "",
              f"`python benchmarks/decoding.py --ckpt {args.ckpt} " + " ".join(
-                 [f"--images {args.images} --rounds {args.rounds} --threads {args.threads}"]
+                 [f"--methods {' '.join(args.methods)} --images {args.images} --rounds {args.rounds} "
+                  f"--threads {args.threads}"]
                  + (["--no-fid"] if args.no_fid else [f"--fid-samples {args.fid_samples}"])
                  + (["--append"] if args.append else [])) + f"` ({time.perf_counter() - start:.0f} s; {machine()}; "
              f"torch {torch.__version__}, fp32, CPU, {args.threads} threads, seed {args.seed}).",
