@@ -143,7 +143,7 @@ def main() -> None:
     ar = get_decoder("ar")
     methods = [parse_method(m) for m in args.methods]
     fid_of = {}
-    if not args.no_fid:
+    if not args.no_fid and "ar" in args.methods:  # ar's seed-to-seed spread (the other rows use the first seed)
         for seed in args.fid_seeds:
             fid_of[("ar", seed)] = generator_fid(model, tokenizer, config, args.fid_samples, sampling, 250, seed,
                                                  device, "test", args.reference_images)["fid"]
