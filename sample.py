@@ -6,7 +6,9 @@ of originals above their reconstructions, print PSNR and SSIM, and write metrics
 With a generator run (the tokenizer it names is loaded and its hash checked):
     python sample.py ckpt=<generator run> decoding=ar [cfg_scale=.. top_k=.. top_p=.. temperature=..]
 writes grid.png (one row per class, `samples_per_class` columns) and prints images/s and target
-forward passes per image, with and without the tokenizer's decode. `fid.num_samples=N` also samples
+forward passes per image, with and without the tokenizer's decode, the step compression (tokens per
+target forward) and a speculative method's mean accepted length; `compare_ar=true` also times
+decoding=ar on the same batches from the same seed and prints the latency ratio. `fid.num_samples=N` also samples
 N images balanced over the classes and scores them against the cached reference statistics of the
 dataset's test split (`fid.save_samples=true` keeps them as PNGs). Under torchrun (WORLD_SIZE > 1)
 each rank samples its share, seeded seed * world + rank, and the FID states are summed over ranks.
@@ -157,33 +159,58 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
         classes = list(cfg.classes) if cfg.get("classes") is not None else list(range(data["num_classes"]))
         labels = torch.tensor(classes).repeat_interleave(per_class).to(device)
         g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        # compare_ar: decoding=ar on the same batches from the same seed, timed in the same run (A/B alternating)
+        ar = get_decoder("ar") if cfg.get("compare_ar") and decoder.name != "ar" else None
+        g_ar = torch.Generator(device=device).manual_seed(int(cfg.seed))
         with autocast:
             if cfg.warmup:  # first calls pay for allocation and kernel selection: keep them out of the timing
-                decoder.run(model, labels[: min(len(labels), 2)], sampling, torch.Generator(device=device), tokenizer,
-                            settings)
-            images, t_gen, t_dec, forwards = [], 0.0, 0.0, None
-            for i in progress(range(0, len(labels), int(cfg.batch_size)), "sampling the grid"):
+                for d, s in ((decoder, settings), (ar, None)) if ar else ((decoder, settings),):
+                    d.run(model, labels[: min(len(labels), 2)], sampling, torch.Generator(device=device), tokenizer, s)
+            images, t_gen, t_dec, t_ar, runs = [], 0.0, 0.0, 0.0, []
+            for k, i in enumerate(progress(range(0, len(labels), int(cfg.batch_size)), "sampling the grid")):
                 y = labels[i:i + int(cfg.batch_size)]
+                if ar is not None and k % 2:
+                    with Stopwatch(device) as sw_ar:
+                        ar.run(model, y, sampling, g_ar, tokenizer)
                 with Stopwatch(device) as sw_gen:
                     tokens, stats = decoder.run(model, y, sampling, g, tokenizer, settings)
+                if ar is not None and not k % 2:
+                    with Stopwatch(device) as sw_ar:
+                        ar.run(model, y, sampling, g_ar, tokenizer)
                 with Stopwatch(device) as sw_dec:
                     images.append(decode_tokens(model, tokenizer, tokens, info))
-                t_gen, t_dec, forwards = t_gen + sw_gen.seconds, t_dec + sw_dec.seconds, stats["forward_passes"]
+                t_gen, t_dec, t_ar = t_gen + sw_gen.seconds, t_dec + sw_dec.seconds, t_ar + (sw_ar.seconds if ar else 0)
+                runs.append(stats)
         grid = save_class_grid(torch.cat(images), per_class, out / "grid.png", class_names(data, classes))
         n = len(labels)
+        forwards = sum(r["forward_passes"] for r in runs) / len(runs)  # batch forwards: every image in it waits
         speed = {"images": n, "batch_size": min(n, int(cfg.batch_size)), "generate_seconds": round(t_gen, 4),
                  "decode_seconds": round(t_dec, 4), "images_per_s": n / t_gen, "images_per_s_with_decode":
-                 n / (t_gen + t_dec), "forward_passes_per_image": forwards, "timer": "CUDA events" if
+                 n / (t_gen + t_dec), "forward_passes_per_image": forwards,
+                 "step_compression": runs[0]["tokens"] / forwards, "timer": "CUDA events" if
                  device.type == "cuda" else "perf_counter", "warmup": bool(cfg.warmup)}
+        # the method's own statistics (accepted lengths, per-row forwards, ...), averaged over the batches
+        extra = {k: sum(r[k] for r in runs) / len(runs) for k, v in runs[0].items()
+                 if isinstance(v, float) and k not in ("wall_time",)}
+        if extra:
+            speed["decoding_stats"] = extra
+        if ar is not None:
+            speed.update(ar_generate_seconds=round(t_ar, 4), latency_ratio_vs_ar=t_ar / t_gen)
         if hasattr(model, "head_evaluations"):  # FlowAR: trunk passes plus its flow head's Euler steps
             speed["flow_head_evaluations_per_image"] = model.head_evaluations(forwards, sampling)
         result.update(grid=str(grid), rows=classes, samples_per_class=per_class, speed=speed)
         print(f"grid: {grid} (rows = classes {classes}, {per_class} samples each)\n"
               f"{config['generator']['name']} decoding={decoder.name} ({describe_sampling(sampling, config)}) on {device}: "
               f"{speed['images_per_s']:.2f} images/s sampling tokens only, {speed['images_per_s_with_decode']:.2f} "
-              f"images/s including the tokenizer decode; {forwards} target forward passes per image"
+              f"images/s including the tokenizer decode; {forwards:g} target forward passes per image"
               + (f" (+ {speed['flow_head_evaluations_per_image']} flow-head evaluations)" if
                  "flow_head_evaluations_per_image" in speed else "") + f", batch {speed['batch_size']}", flush=True)
+        if "mean_accepted_length" in extra:
+            print(f"step compression {speed['step_compression']:.2f} (tokens / target forward passes), mean accepted "
+                  f"length {extra['mean_accepted_length']:.2f}", flush=True)
+        if ar is not None:
+            print(f"compare_ar: ar {t_ar:.2f} s vs {decoder.name} {t_gen:.2f} s on the same batches and seed: "
+                  f"latency ratio {speed['latency_ratio_vs_ar']:.2f}x", flush=True)
 
     # 2. FID over all ranks
     n_fid = int(cfg.fid.num_samples or 0)
