@@ -33,9 +33,10 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
 # Our manual-optimization checkpoints are meant to hold the state after the step (batches_seen counts it).
 warnings.filterwarnings("ignore", message=r".*Using ModelCheckpoint with manual optimization.*")
-TASKS = ("tokenizer", "generator")
+TASKS = ("tokenizer", "generator", "distill")
 # (best.ckpt monitor, its mode, the metric main() returns to a sweeper) by task
-TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss")}
+TASK_MONITOR = {"tokenizer": ("val/psnr", "max", "test/psnr"), "generator": ("val/loss", "min", "val/loss"),
+                "distill": ("val/loss", "min", "val/loss")}
 RESUME_KEYS = {"tokenizer": ("quantizer", "autoencoder"), "generator": ("name", "model")}
 
 
@@ -186,6 +187,18 @@ def prepare_generator_task(cfg: DictConfig, out: Path):
     return datamodule, config, model
 
 
+def prepare_distill_task(cfg: DictConfig, out: Path):
+    """(datamodule, config, model) of task=distill: the teacher's pairs, then the student (generators/distill_student.py)."""
+    from generators.distill_student import prepare_distill
+
+    on_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    datamodule, config, model = prepare_distill(cfg, out, device, schedule_steps)
+    if cfg.get("ckpt_path"):
+        check_resume_compatible(cfg.ckpt_path, config)
+    return datamodule, config, model
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the task's model from a composed config; returns (metrics, objects)."""
     if cfg.task not in TASKS:
@@ -197,7 +210,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     check_fresh_or_resuming(out, cfg.get("ckpt_path"))
     log.info("output folder: %s", out)
 
-    prepare = prepare_generator_task if cfg.task == "generator" else prepare_tokenizer_task
+    prepare = {"generator": prepare_generator_task, "distill": prepare_distill_task}.get(cfg.task, prepare_tokenizer_task)
     datamodule, config, model = prepare(cfg, out)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callback")
     if not cfg.trainer.get("enable_progress_bar", True):

@@ -140,7 +140,8 @@ def load_generator(ckpt, device: torch.device | str = "cpu", tokenizer_path: str
     from generators.module import build_generator
 
     config, state, _ = resolve_checkpoint(ckpt)
-    expect_kind(config, "generator", ckpt)
+    if config.get("kind") != "distill":  # a distill run (task=distill) loads like a generator run
+        expect_kind(config, "generator", ckpt)
     tok = config.get("tokenizer") or {}
     path = tokenizer_path or tok.get("path")
     if not path or not Path(path).exists():
