@@ -14,7 +14,7 @@ X_t = (code vectors of the first t tokens, noise after) for its training splits 
 * steps=2: step 1 as above; keep its first t = split tokens, and run the student again on
   X_t = (codes of those tokens, the SAME eps_t..eps_{L-1}): two forwards.
 * teacher_from=s (s < split): the student's first s tokens, then the teacher decodes positions s..split-1 with
-  the flow map on the same eps (split - s + 1 teacher forwards incl. the prefill), then the student finishes
+  the flow map on the same eps (split - s teacher forwards: the prefill, then one per further position), then the student finishes
   from X_split: the paper's teacher-involved trade-off between speed and quality.
 
 Settings: steps, split (default: the student's largest training split), teacher_from, and the flow solver's

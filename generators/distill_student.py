@@ -147,10 +147,12 @@ class DistilledGPT(nn.Module):
         return self.predict(self.noise(cond.shape[0], generator, cond.device), None, 0, cond)
 
 
-def build_student(teacher_model: dict, noise_dim: int, splits, sigmas, **model_args) -> DistilledGPT:
-    """The student from a distill run's config (the teacher's generator.model node + model_args); its code vectors
-    are a buffer, filled from the weights file (or by ``prepare_distill``)."""
-    gpt = instantiate(teacher_model, _convert_="all", **model_args)
+def build_student(teacher_target: str, teacher_model: dict, noise_dim: int, splits, sigmas,
+                  **model_args) -> DistilledGPT:
+    """The student from a distill run's config (the teacher's generator.model node, its _target_ apart so Hydra does
+    not build it first, + model_args); its code vectors are a buffer, filled from the weights file (or by
+    ``prepare_distill``)."""
+    gpt = instantiate({"_target_": teacher_target, **teacher_model}, _convert_="all", **model_args)
     return DistilledGPT(gpt, torch.zeros(gpt.vocab_size, noise_dim), splits, tuple(sigmas))
 
 
@@ -308,7 +310,9 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
     L = teacher.block_size
     splits = sorted({int(round(s * L)) if isinstance(s, float) else int(s) for s in d["splits"]})  # 0.5 -> L/2
     gen = {"name": "dd_gpt", "model": {"_target_": "generators.distill_student.build_student",
-                                       "teacher_model": tconfig["generator"]["model"], "noise_dim": codes.shape[1],
+                                       "teacher_target": tconfig["generator"]["model"]["_target_"],
+                                       "teacher_model": {k: v for k, v in tconfig["generator"]["model"].items()
+                                                         if k != "_target_"}, "noise_dim": codes.shape[1],
                                        "splits": splits, "sigmas": list(sigmas)},
            "sampling": vars(sampling), "optimizer": d["optimizer"], "ema_decay": d["ema_decay"],
            "grad_clip": d["grad_clip"], "eval": d["eval"]}
