@@ -286,6 +286,18 @@ class DistillModule(GeneratorModule):
                                  rank, world_size, decoder="distilled")
 
 
+def check_same_teacher(ckpt_path, config: dict) -> None:
+    """A resumed distill checkpoint must come from the same teacher (hash), pairs and splits."""
+    old = (torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+           .get("config", {}).get("distill") or {})
+    new = config["distill"]
+    diff = [k for k in ("teacher", "pairs", "splits", "flow", "sampling") if old.get(k) != new.get(k)]
+    if diff:
+        raise CheckpointError(f"{ckpt_path} was distilled with other {', '.join('distill.' + k for k in diff)} "
+                              f"(teacher hash {str((old.get('teacher') or {}).get('hash'))[:12]}, now "
+                              f"{new['teacher']['hash'][:12]}); resume with the run's own settings and teacher")
+
+
 def prepare_distill(cfg, out: Path, device, total_steps_of):
     """(datamodule, config, module) of task=distill: load the teacher, build the pairs, the student from the teacher."""
     from omegaconf import OmegaConf
@@ -323,6 +335,8 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
                           "pairs": {"folder": str(folder), "num_pairs": num_pairs, "val_pairs": val_pairs},
                           "flow": flow, "splits": splits, "sampling": vars(sampling)},
               "total_steps": int(total_steps_of(cfg, datamodule))}
+    if cfg.get("ckpt_path"):
+        check_same_teacher(cfg.ckpt_path, config)
     module = DistillModule(config, output_dir=str(out), tokenizer=tokenizer)
     module.model.codes.copy_(codes)
     if not cfg.get("ckpt_path"):
