@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.flow_map import flow_map, flow_sigma_range
+from decoding.flow_map import flow_map
 from decoding.registry import register
 from decoding.sampling import SamplingConfig, cfg_split_combine, logits_to_probs
 

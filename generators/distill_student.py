@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -48,9 +49,15 @@ from decoding.distilled import code_vectors, teacher_map
 from decoding.flow_map import flow_sigma_range
 from decoding.sampling import SamplingConfig
 from generators.gpt import GPT
-from generators.module import GeneratorModule, class_grid_labels, generator_fid, sample_images, \
-    sampling_config, save_class_grid
-from utils.checkpoint import CheckpointError, atomic_replace, resolve_checkpoint
+from generators.module import (
+    GeneratorModule,
+    class_grid_labels,
+    generator_fid,
+    sample_images,
+    sampling_config,
+    save_class_grid,
+)
+from utils.checkpoint import CheckpointError, atomic_replace
 
 log = logging.getLogger("tokar")
 
@@ -160,19 +167,32 @@ def build_student(teacher_target: str, teacher_model: dict, noise_dim: int, spli
 #                                   The pairs                                   #
 #################################################################################
 
+def teacher_hash(path) -> str:
+    """sha256 of a teacher run: its model.safetensors + config.yaml (a finished run), else of the .ckpt file itself."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "model.safetensors").exists():
+        return tokenizer_hash(p)  # the same file hash as tokenizer runs
+    if p.name == "model.safetensors":
+        return tokenizer_hash(p.parent)
+    ckpt = p / "checkpoints" / "last.ckpt" if p.is_dir() else p
+    if ckpt.suffix != ".ckpt" or not ckpt.exists():
+        raise CheckpointError(f"teacher_ckpt={path}: pass a GPT run folder (model.safetensors + config.yaml) or a .ckpt")
+    h = hashlib.sha256()
+    with open(ckpt, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_teacher(path, device, expected_hash: str | None = None):
-    """(teacher GPT in eval mode, tokenizer, config, hash) from an exported GPT run folder; hash-checked if given."""
+    """(teacher GPT in eval mode, tokenizer, config, hash) from a GPT run folder or .ckpt; hash-checked if given."""
     from utils.checkpoint import load_generator
 
-    config, _, run_dir = resolve_checkpoint(path)
-    if not (run_dir / "model.safetensors").exists():
-        raise CheckpointError(f"teacher_ckpt={path}: distillation needs a finished GPT run (its folder with "
-                              "model.safetensors + config.yaml); resume the run so it exports its weights")
-    digest = tokenizer_hash(run_dir)  # sha256 of model.safetensors + config.yaml, as for tokenizer runs
+    digest = teacher_hash(path)
     if expected_hash is not None and digest != expected_hash:
-        raise CheckpointError(f"the teacher run {run_dir} changed since the student was distilled from it (hash "
+        raise CheckpointError(f"the teacher run {path} changed since the student was distilled from it (hash "
                               f"{expected_hash[:12]}, now {digest[:12]}); restore it or distil again")
-    teacher, tokenizer, config = load_generator(run_dir, device)
+    teacher, tokenizer, config = load_generator(path, device)
     if getattr(teacher, "kind", None) != "gpt":
         raise ValueError(f"teacher_ckpt={path} is a {getattr(teacher, 'kind', '?')} run; task=distill distils a GPT")
     return teacher.requires_grad_(False), tokenizer, config, digest
@@ -215,11 +235,25 @@ def build_pairs(teacher, teacher_hash: str, codes: torch.Tensor, sampling: Sampl
         path = folder / f"chunk_{k:05d}.safetensors"
         if path.exists():
             continue
+        start = time.perf_counter()
         labels = torch.arange(k * chunk_size, (k + 1) * chunk_size) % num_classes
         chunk = generate_chunk(teacher, codes, sigmas, sampling, flow, labels, seed * 1_000_003 + k, batch_size)
-        atomic_replace(lambda tmp: save_file(chunk, tmp), path)
+        info = {"seconds": f"{time.perf_counter() - start:.3f}"}
+        atomic_replace(lambda tmp, c=chunk, m=info: save_file(c, tmp, metadata=m), path)
         log.info("pairs: chunk %d (%d pairs) -> %s", k, chunk_size, path)
     return folder
+
+
+def pairs_seconds(folder, num_pairs: int) -> float:
+    """The wall time spent building the chunks that hold the first num_pairs pairs (from their metadata)."""
+    from safetensors import safe_open
+
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    total = 0.0
+    for k in range((num_pairs + meta["chunk_size"] - 1) // meta["chunk_size"]):
+        with safe_open(str(Path(folder) / f"chunk_{k:05d}.safetensors"), "pt") as f:
+            total += float((f.metadata() or {}).get("seconds", "nan"))
+    return total
 
 
 def load_pairs(folder, num_pairs: int) -> dict:
@@ -319,8 +353,8 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
                          int(d["pairs_batch_size"]), sigmas)
     datamodule = PairDataModule(folder, num_pairs, val_pairs, batch_size=int(d["batch_size"]),
                                 eval_batch_size=int(d["batch_size"]), num_workers=0, seed=int(d["seed"]))
-    L = teacher.block_size
-    splits = sorted({int(round(s * L)) if isinstance(s, float) else int(s) for s in d["splits"]})  # 0.5 -> L/2
+    n_tokens = teacher.block_size
+    splits = sorted({int(round(s * n_tokens)) if isinstance(s, float) else int(s) for s in d["splits"]})  # 0.5 -> L/2
     gen = {"name": "dd_gpt", "model": {"_target_": "generators.distill_student.build_student",
                                        "teacher_target": tconfig["generator"]["model"]["_target_"],
                                        "teacher_model": {k: v for k, v in tconfig["generator"]["model"].items()
@@ -330,7 +364,7 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
            "grad_clip": d["grad_clip"], "eval": d["eval"]}
     config = {"kind": "distill", "generator": gen, "data": tconfig["data"], "tokenizer": tconfig["tokenizer"],
               "tokens": tconfig["tokens"], "model_args": tconfig["model_args"],
-              "distill": {"teacher": {"path": str(resolve_checkpoint(cfg.teacher_ckpt)[2].resolve()), "hash": thash,
+              "distill": {"teacher": {"path": str(Path(cfg.teacher_ckpt).expanduser().resolve()), "hash": thash,
                                       "name": tconfig["generator"]["name"]},
                           "pairs": {"folder": str(folder), "num_pairs": num_pairs, "val_pairs": val_pairs},
                           "flow": flow, "splits": splits, "sampling": vars(sampling)},

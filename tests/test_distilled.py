@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from scipy.stats import chisquare
 
 import generators.distill_student as dd
@@ -184,8 +184,8 @@ def test_pairs_are_rebuilt_for_a_changed_teacher_and_resume(codes, tmp_path, mon
     calls = []
     chunk = dd.generate_chunk
     monkeypatch.setattr(dd, "generate_chunk", lambda *a: calls.append(a[6]) or chunk(*a))
-    args = dict(codes=codes, sampling=SAMPLING, flow=FLOW, num_classes=NC, root=tmp_path / "pairs", chunk_size=16,
-                batch_size=8)
+    args = {"codes": codes, "sampling": SAMPLING, "flow": FLOW, "num_classes": NC, "root": tmp_path / "pairs",
+            "chunk_size": 16, "batch_size": 8}
     first = build_pairs(teacher, tokenizer_hash(run), num_pairs=40, **args)
     assert len(calls) == 3
     pairs = load_pairs(first, 40)
