@@ -354,7 +354,7 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
     datamodule = PairDataModule(folder, num_pairs, val_pairs, batch_size=int(d["batch_size"]),
                                 eval_batch_size=int(d["batch_size"]), num_workers=0, seed=int(d["seed"]))
     n_tokens = teacher.block_size
-    splits = sorted({int(round(s * n_tokens)) if isinstance(s, float) else int(s) for s in d["splits"]})  # 0.5 -> L/2
+    splits = sorted({round(s * n_tokens) if isinstance(s, float) else int(s) for s in d["splits"]})  # 0.5 -> L/2
     gen = {"name": "dd_gpt", "model": {"_target_": "generators.distill_student.build_student",
                                        "teacher_target": tconfig["generator"]["model"]["_target_"],
                                        "teacher_model": {k: v for k, v in tconfig["generator"]["model"].items()

@@ -149,7 +149,6 @@ def test_teacher_involved_decodes_the_middle_with_the_teacher(codes):
     assert stats["teacher_forward_passes"] == 2 and stats["forward_passes"] == 4
 
 
-@pytest.mark.slow
 def test_student_reproduces_the_teacher_map_on_held_out_noise(codes):
     """~10 s: 2500 pairs, 500 AdamW steps. Held-out 1-step token accuracy: >= 0.75 at position 0 and >= 0.5 over all
     positions, each well above the best constant guess per position (the majority token)."""
