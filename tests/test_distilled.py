@@ -284,3 +284,27 @@ def test_task_distill_kill_resume_then_sample(tmp_path):
     assert sampled.returncode == 0, sampled.stdout[-3000:] + sampled.stderr[-3000:]
     result = json.loads((out / "metrics.json").read_text())
     assert result["speed"]["forward_passes_per_image"] == 2 + 4 and Path(result["grid"]).exists()
+
+
+def test_bad_settings_name_the_fix(codes, tmp_path):
+    student = student_of(toy_gpt(), codes)
+    dec, lab = get_decoder("distilled"), torch.arange(2)
+    with pytest.raises(ValueError, match="1 or 2"):
+        dec.parse_settings({"steps": 3})
+    with pytest.raises(ValueError, match="needs decoding.steps=2"):
+        dec.parse_settings({"teacher_from": 1})
+    with pytest.raises(ValueError, match="trained on splits"):
+        dec.run(student, lab, SAMPLING, settings={"steps": 2, "split": 3})
+    with pytest.raises(ValueError, match="teacher is not loaded"):
+        dec.run(student, lab, SAMPLING, settings={"steps": 2, "teacher_from": 1})
+    with pytest.raises(ValueError, match="applies to dd_gpt"):
+        dec.run(toy_gpt(), lab, SAMPLING)
+    with pytest.raises(ValueError, match="0 first"):
+        DistilledGPT(GPT(V, NC, L, dim=32, depth=1, heads=2), codes, [2])
+    # resuming a distill checkpoint with another teacher
+    ckpt = tmp_path / "last.ckpt"
+    old = {"teacher": {"hash": "a" * 64}, "pairs": {}, "splits": [0, 2], "flow": FLOW, "sampling": {}}
+    torch.save({"hyper_parameters": {"config": {"distill": old}}}, ckpt)
+    dd.check_same_teacher(ckpt, {"distill": dict(old)})
+    with pytest.raises(dd.CheckpointError, match="distill.teacher"):
+        dd.check_same_teacher(ckpt, {"distill": dict(old, teacher={"hash": "b" * 64})})
