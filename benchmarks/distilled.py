@@ -108,7 +108,9 @@ def main() -> None:
             row["fid"] = ar_fids[0]
         rows.append(row)
         print(row, flush=True)
-    metrics = json.loads((Path(args.ckpt) / "metrics.json").read_text())
+    metrics_file = Path(args.ckpt) / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"steps": None,
+                                                                                  "train_seconds": float("nan")}
     pairs = pairs_seconds(d["pairs"]["folder"], d["pairs"]["num_pairs"])
     cost = {"pairs": d["pairs"]["num_pairs"], "pairs_minutes": pairs / 60, "train_steps": metrics["steps"],
             "train_minutes": metrics["train_seconds"] / 60, "flow_steps": d["flow"]["steps"], "splits": d["splits"],
