@@ -90,7 +90,7 @@ def main() -> None:
         for seed in args.fid_seeds:
             ar_fids.append(generator_fid(teacher, tokenizer, tconfig, args.fid_samples, sampling, 250, seed, device,
                                          "test", args.reference_images)["fid"])
-            print(f"teacher ar FID-1k seed {seed}: {ar_fids[-1]:.2f}", flush=True)
+            print(f"teacher ar FID-{args.fid_samples} seed {seed}: {ar_fids[-1]:.2f}", flush=True)
     rows = []
     for label, decoder, settings in methods:
         model = teacher if decoder is ar else student
@@ -116,13 +116,13 @@ def main() -> None:
             "train_minutes": metrics["train_seconds"] / 60, "flow_steps": d["flow"]["steps"], "splits": d["splits"],
             "threads": args.threads}
     print("student cost:", cost, flush=True)
-    print("\n| method | forward passes | latency ratio b1 | latency ratio b16 | FID-1k |\n|---|---|---|---|---|")
+    print(f"\n| method | forward passes | latency ratio b1 | latency ratio b16 | FID-{args.fid_samples} |\n|---|---|---|---|---|")
     for r in rows:
         lat = [f"{r[k][0]:.1f}x [{r[k][1]:.1f}-{r[k][2]:.1f}]" if k in r else "1" for k in
                ("latency_ratio_b1", "latency_ratio_b16")]
         print(f"| {r['method']} | {r['forward_passes']} | {lat[0]} | {lat[1]} | {r.get('fid', float('nan')):.2f} |")
     if ar_fids:
-        print(f"teacher ar FID-1k over seeds {args.fid_seeds}: {', '.join(f'{f:.2f}' for f in ar_fids)}")
+        print(f"teacher ar FID-{args.fid_samples} over seeds {args.fid_seeds}: {', '.join(f'{f:.2f}' for f in ar_fids)}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "ar_fids": ar_fids, "cost": cost, "argv": sys.argv}, indent=2))
 
