@@ -250,13 +250,13 @@ def run(cfg: DictConfig, out: Path) -> dict:
     kind = config.get("kind")
     if kind == "tokenizer":
         result = reconstruct(cfg, out)
-    elif kind == "generator":
+    elif kind in ("generator", "distill"):
         result = sample_generator(cfg, out)
         if result is None:  # not rank 0
             return {}
         out = Path(result["output_dir"])  # rank 0's folder under torchrun
     else:
-        raise CheckpointError(f"{cfg.ckpt} is a {kind} checkpoint; sample.py handles: tokenizer, generator")
+        raise CheckpointError(f"{cfg.ckpt} is a {kind} checkpoint; sample.py handles: tokenizer, generator, distill")
     atomic_replace(lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)), out / "metrics.json")
     folders = (("samples", (result.get("fid") or {}).get("samples_dir")),
                ("reconstructions", result.get("reconstructions_dir")))

@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", message=r".*Using ModelCheckpoint with manual 
 # loader). tokar's resume is exact without one: data.datamodule.ResumableSampler restarts at the batch the
 # checkpoint's batches_seen counts (tests/test_train.py checks the resumed weights equal the uninterrupted run's).
 warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
-TASKS = ("tokenizer", "generator", "drafter")
+TASKS = ("tokenizer", "generator", "drafter", "distill")
 HELP = """python train.py task=<task> [group=option ...] [key=value ...]: train a tokar model.
 
 Tasks:
@@ -54,6 +54,8 @@ Tasks:
                   (generator=var needs tokenizer=msvq, flowar tokenizer=kl, gpt a single-scale discrete one)
   task=drafter    LANTERN's draft head for a finished GPT run (decoding=lantern)
                     python train.py task=drafter generator_ckpt=outputs/generator/<time>
+  task=distill    distilled decoding (DD1): noise -> tokens pairs from a GPT run, then a one/two-step student
+                    python train.py task=distill teacher_ckpt=outputs/generator/<time>
 Resume a killed run:  python train.py ckpt_path=outputs/<task>/<time>   (its folder or checkpoints/last.ckpt)
 Outputs: outputs/<task>/<time>/: checkpoints/, model.safetensors + config.yaml, metrics.json, csv/metrics.csv"""
 # the values a run cannot use, checked before anything is created: (low, low inclusive, high, high inclusive)
@@ -63,7 +65,7 @@ TRAIN_RANGES = {"data.image_size": (1, True, None, False), "data.channels": (1, 
                 "trainer.max_steps": (-1, True, None, False), "trainer.log_every_n_steps": (1, True, None, False),
                 "trainer.limit_val_batches": (0, True, None, False)}
 # the monitor of each task's configs/task/<task>.yaml: an experiment that sets the `task` key instead of the group
-TASK_MONITOR = {"tokenizer": "val/psnr", "generator": "val/loss", "drafter": "val/loss"}
+TASK_MONITOR = {"tokenizer": "val/psnr", "generator": "val/loss", "drafter": "val/loss", "distill": "val/loss"}
 RESUME_KEYS = {"tokenizer": ("quantizer", "autoencoder"), "generator": ("name", "model")}
 
 
@@ -269,6 +271,18 @@ def prepare_drafter_task(cfg: DictConfig, out: Path):
     return prepare(cfg, out)
 
 
+def prepare_distill_task(cfg: DictConfig, out: Path):
+    """(datamodule, config, model) of task=distill: the teacher's pairs, then the student (generators/distill_student.py)."""
+    from generators.distill_student import prepare_distill
+
+    on_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    datamodule, config, model = prepare_distill(cfg, out, device, schedule_steps)
+    if cfg.get("ckpt_path"):
+        check_resume_compatible(cfg.ckpt_path, config)
+    return datamodule, config, model
+
+
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Train the task's model from a composed config; returns (metrics, objects)."""
     check_train_config(cfg)
@@ -285,7 +299,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     remove_stale_temp_files(out)
     log.info("output folder: %s", out)
 
-    prepare = {"generator": prepare_generator_task, "drafter": prepare_drafter_task}.get(cfg.task, prepare_tokenizer_task)
+    prepare = {"generator": prepare_generator_task, "drafter": prepare_drafter_task,
+               "distill": prepare_distill_task}.get(cfg.task, prepare_tokenizer_task)
     datamodule, config, model = prepare(cfg, out)
     callbacks = instantiate_dict(cfg.get("callbacks"), "callback") + [FlushLogsOnCheckpoint()]
     if not cfg.trainer.get("enable_progress_bar", True):

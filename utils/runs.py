@@ -178,7 +178,7 @@ def build_model(kind: str, config: dict) -> torch.nn.Module:
         from tokenizers.module import build_tokenizer
 
         return build_tokenizer(config["tokenizer"], config["data"]["channels"])
-    if kind == "generator":
+    if kind in ("generator", "distill"):  # a distilled student is a generator of its own kind
         from generators.module import build_generator
 
         return build_generator(config)
@@ -250,8 +250,10 @@ def load_tokenizer_of(config: dict, path, device, tokenizer_path=None) -> Run:
 
 
 def load_generator(path, device: torch.device | str = "cpu", tokenizer_path: str | None = None):
-    """(generator in eval mode, its frozen tokenizer, run config) of a generator run: ``load_run`` unpacked."""
-    run = load_run(path, "generator", device, tokenizer_path=tokenizer_path, role="ckpt")
+    """(generator in eval mode, its frozen tokenizer, run config) of a generator (or distilled student) run."""
+    config, _, _, _ = read_checkpoint(path)
+    kind = "distill" if config.get("kind") == "distill" else "generator"  # else: the kind error names both
+    run = load_run(path, kind, device, tokenizer_path=tokenizer_path, role="ckpt")
     return run.model, run.tokenizer.model, run.config
 
 
