@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from data.token_cache import TokenDataModule, tokenizer_hash
+from data.token_cache import TokenDataModule
+from utils.runs import run_hash
 from decoding.distilled import code_vectors, teacher_map
 from decoding.flow_map import flow_sigma_range
 from decoding.sampling import SamplingConfig
@@ -171,9 +172,9 @@ def teacher_hash(path) -> str:
     """sha256 of a teacher run: its model.safetensors + config.yaml (a finished run), else of the .ckpt file itself."""
     p = Path(path).expanduser()
     if p.is_dir() and (p / "model.safetensors").exists():
-        return tokenizer_hash(p)  # the same file hash as tokenizer runs
+        return run_hash(p)  # the same file hash as tokenizer runs
     if p.name == "model.safetensors":
-        return tokenizer_hash(p.parent)
+        return run_hash(p.parent)
     ckpt = p / "checkpoints" / "last.ckpt" if p.is_dir() else p
     if ckpt.suffix != ".ckpt" or not ckpt.exists():
         raise CheckpointError(f"teacher_ckpt={path}: pass a GPT run folder (model.safetensors + config.yaml) or a .ckpt")

@@ -175,7 +175,7 @@ def test_student_reproduces_the_teacher_map_on_held_out_noise(codes):
 
 
 def test_pairs_are_rebuilt_for_a_changed_teacher_and_resume(codes, tmp_path, monkeypatch):
-    from data.token_cache import tokenizer_hash
+    from utils.runs import run_hash as tokenizer_hash
 
     teacher = toy_gpt()
     run = tmp_path / "teacher"
@@ -225,7 +225,7 @@ def test_code_vectors_of_fsq():
 
 def make_teacher_run(tmp_path: Path) -> Path:
     """An untrained FSQ tokenizer run and an untrained (randomised) GPT exported as a finished generator run."""
-    from data.token_cache import tokenizer_hash
+    from utils.runs import run_hash as tokenizer_hash
     from tests.test_generator_training import make_tokenizer_run
 
     tok = make_tokenizer_run(tmp_path / "fsq", "fsq")
