@@ -52,11 +52,7 @@ from decoding.sampling import SamplingConfig
 from generators.gpt import GPT
 from generators.module import (
     GeneratorModule,
-    class_grid_labels,
-    generator_fid,
-    sample_images,
     sampling_config,
-    save_class_grid,
 )
 from utils.checkpoint import CheckpointError, atomic_replace
 
@@ -300,25 +296,7 @@ class PairDataModule(TokenDataModule):
 class DistillModule(GeneratorModule):
     """GeneratorModule training a DistilledGPT on the teacher's pairs; grids and FID through decoding=distilled."""
 
-    @torch.no_grad()
-    def sample_grid(self, path, sampling: SamplingConfig | None = None, seed: int | None = None) -> Path:
-        ev = self.config["eval"]
-        per_class = int(ev["grid_per_class"])
-        labels = class_grid_labels(self.run_config["data"]["num_classes"], per_class, ev.get("grid_classes"))
-        g = torch.Generator(device=self.device).manual_seed(int(ev.get("seed", 0)) if seed is None else seed)
-        sampling = sampling or sampling_config(self.config["sampling"])
-        with self._autocast():
-            images, _ = sample_images(self.ema.shadow, self.tokenizer, labels.to(self.device), sampling,
-                                      self.run_config["tokens"], g, "distilled")
-        return save_class_grid(images, per_class, path)
-
-    def fid(self, num_samples: int, batch_size: int = 64, rank: int = 0, world_size: int = 1) -> dict:
-        ev = self.config["eval"]
-        with self._autocast():
-            return generator_fid(self.ema.shadow, self.tokenizer, self.run_config, num_samples,
-                                 sampling_config(self.config["sampling"]), batch_size, int(ev.get("seed", 0)),
-                                 self.device, ev.get("fid_split", "test"), ev.get("fid_reference_images"),
-                                 rank, world_size, decoder="distilled")
+    decoder = "distilled"
 
 
 def check_same_teacher(ckpt_path, config: dict) -> None:

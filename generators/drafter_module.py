@@ -21,6 +21,7 @@ from generators.draft_head import DraftHead, drafter_loss
 from utils.checkpoint import CheckpointError, atomic_replace
 from utils.runs import check_kind, load_generator, read_checkpoint
 from utils.ema import EMA
+from utils.resume import ExactResumeMixin
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def self_data(target, out: Path, num: int, chunk: int, num_classes: int, samplin
     return merged
 
 
-class DrafterModule(L.LightningModule):
+class DrafterModule(ExactResumeMixin, L.LightningModule):
     """Trains a draft head on a frozen GPT's features; exports the head's EMA."""
 
     def __init__(self, config: dict, output_dir: str | None = None, target: torch.nn.Module | None = None):
@@ -133,24 +134,6 @@ class DrafterModule(L.LightningModule):
         loss, parts = self._loss(self.ema.shadow, codes, labels, False)
         self.log("val/loss", loss, sync_dist=True, batch_size=labels.shape[0])
         self.log("val/ce", parts["ce"], sync_dist=True, batch_size=labels.shape[0])
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["batches_seen"] = self.batches_seen
-        checkpoint["rng_cpu"] = torch.get_rng_state()  # feature noise and null labels draw from the global RNG
-        if torch.cuda.is_available():
-            checkpoint["rng_cuda"] = torch.cuda.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.batches_seen = int(checkpoint.get("batches_seen", 0))
-        self._resume_rng = {k: checkpoint[k] for k in ("rng_cpu", "rng_cuda") if k in checkpoint}
-
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        rng = self._resume_rng
-        if rng:
-            torch.set_rng_state(rng["rng_cpu"])
-            if "rng_cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["rng_cuda"])
-            self._resume_rng = None
 
 
 def prepare_drafter_task(cfg, out: Path):

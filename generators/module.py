@@ -30,8 +30,9 @@ from decoding.sampling import SamplingConfig
 from utils.ema import EMA
 from utils.grids import label_rows
 from utils.progress import progress
-from utils.timing import synchronize
+from utils.resume import ExactResumeMixin
 from utils.schedule import warmup_cosine
+from utils.timing import synchronize
 
 log = logging.getLogger("tokar")
 
@@ -224,8 +225,10 @@ def generator_fid(model, tokenizer, config: dict, num_samples: int, sampling: Sa
 #                               The system                                      #
 #################################################################################
 
-class GeneratorModule(L.LightningModule):
+class GeneratorModule(ExactResumeMixin, L.LightningModule):
     """Trains a GPT / VAR / FlowAR on cached tokens; evaluates, samples and exports its EMA weights."""
+
+    decoder = "ar"  # the decoding method of its grids and FID (a distilled student samples with its own)
 
     def __init__(self, config: dict, output_dir: str | None = None, tokenizer: torch.nn.Module | None = None):
         """config: {"kind": "generator", "generator": <generator node>, "data": {...}, "tokenizer": {path, hash,
@@ -309,26 +312,6 @@ class GeneratorModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.model)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["batches_seen"] = self.batches_seen
-        # label dropout, dropout and flow noise draw from the global RNG: resume it too
-        checkpoint["rng_cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            checkpoint["rng_cuda"] = torch.cuda.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.batches_seen = int(checkpoint.get("batches_seen", 0))
-        self._resume_rng = {k: checkpoint[k] for k in ("rng_cpu", "rng_cuda") if k in checkpoint}
-
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        # restored right before the first resumed batch, so nothing Lightning draws on the way shifts the stream
-        rng = self._resume_rng
-        if rng:
-            torch.set_rng_state(rng["rng_cpu"])
-            if "rng_cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["rng_cuda"])
-            self._resume_rng = None
-
     # -- evaluation (EMA weights) -------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         codes, labels = batch
@@ -356,7 +339,7 @@ class GeneratorModule(L.LightningModule):
         sampling = sampling or sampling_config(self.config["sampling"])
         with self._autocast():
             images, _ = sample_images(self.ema.shadow, self.tokenizer, labels.to(self.device), sampling,
-                                      self.run_config["tokens"], g)
+                                      self.run_config["tokens"], g, self.decoder)
         rows = labels[::per_class].tolist()
         return save_class_grid(images, per_class, path, class_names(self.run_config["data"], rows))
 
@@ -367,7 +350,7 @@ class GeneratorModule(L.LightningModule):
             return generator_fid(self.ema.shadow, self.tokenizer, self.run_config, num_samples,
                                  sampling_config(self.config["sampling"]), batch_size, int(ev.get("seed", 0)),
                                  self.device, ev.get("fid_split", "test"), ev.get("fid_reference_images"),
-                                 rank, world_size)
+                                 rank, world_size, decoder=self.decoder)
 
 
 def count_parameters(model: torch.nn.Module) -> str:
