@@ -63,6 +63,8 @@ from typing import NamedTuple
 
 import torch
 
+from decoding.speculative import SpeculativeSampling
+
 TARGETS = ("mixture", "pointwise")
 
 
@@ -228,3 +230,27 @@ def lantern_step(p: torch.Tensor, q: torch.Tensor | None, x: torch.Tensor, u: to
     """
     verdict = lantern_verify(p, q, x, u, nbrs, **rule)
     return torch.where(verdict.accept, x, sample_from_uniform(verdict.residual, u_residual)), verdict
+
+
+# -- as an acceptance rule of the speculative loop ---------------------------------------------------
+
+class RelaxedSpeculativeSampling(SpeculativeSampling):
+    """LANTERN's relaxed acceptance for sampled drafts (``decoding=sjd decoding.relax=lantern``): exact speculative
+    sampling against the mixture target p̂ = ``mixture_target(p, q, nbrs)`` instead of p. Accept x ~ q with
+    min(1, p̂(x)/q(x)); on rejection draw from norm(max(p̂ - q, 0)). One verification step's output is then p̂,
+    with TV(p, p̂) <= δ (δ rule) for any q; δ = 0 or k = 0 gives p̂ = p, i.e. exact speculative sampling.
+    """
+
+    def __init__(self, nbrs: torch.Tensor, *, delta: float | None = None, lam: float | None = None):
+        _check_rule(delta, lam)
+        self.nbrs, self.delta, self.lam = nbrs, delta, lam
+
+    def target(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """p, q (..., V) -> p̂ (..., V)."""
+        return mixture_target(p, q, self.nbrs.to(p.device), delta=self.delta, lam=self.lam)
+
+    def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator) -> torch.Tensor:
+        return super().accept(self.target(p, q), q, drafts, generator)
+
+    def residual(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return super().residual(self.target(p, q), q)

@@ -17,6 +17,7 @@ and nothing to the left of a position ever reads that position's draft (tests/te
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ class SjdSettings:
     init: str = "random"  # random | repeat_horizon | sample_horizon | repeat_vertical
     draft_coupling: str = "none"  # none | maximal | gumbel (coupled re-draws, arXiv 2510.24211)
     compile: bool = False  # torch.compile the window forward (static shapes; CUDA)
+    relax: str = "none"  # none (exact) | lantern: LANTERN's relaxed acceptance over codebook neighbourhoods
+    delta: float | None = None  # relax=lantern, δ rule: at most δ of p's mass moves onto a draft (TV <= δ per token)
+    lam: float | None = None  # relax=lantern, λ rule (LANTERN++): p̃ <= λ p
+    k: int = 1000  # relax=lantern: neighbours per code (capped at V - 1)
+    neighbours: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)  # (V, k), by prepare
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -47,6 +53,13 @@ class SjdSettings:
                              f"{', '.join(COUPLINGS)}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"decoding.compile must be true or false, got {self.compile!r}")
+        if self.relax not in ("none", "lantern"):
+            raise ValueError(f"decoding.relax={self.relax!r}: choose none (exact) or lantern")
+        if self.relax == "lantern" and (self.delta is None) == (self.lam is None):
+            raise ValueError("decoding.relax=lantern takes one rule: decoding.delta=<0..1> (LANTERN) or "
+                             "decoding.lam=<>= 1> (LANTERN++)")
+        if self.relax == "lantern" and self.k < 0:
+            raise ValueError(f"decoding.k={self.k} must be >= 0 (0 = exact)")
 
 
 def one_hot(tokens: torch.Tensor, V: int) -> torch.Tensor:
@@ -125,10 +138,36 @@ class JacobiDrafter:
         return tokens, one_hot(tokens, V)
 
 
-@register("sjd", applies_to=("gpt",), settings=SjdSettings)
+def _prepare(settings: SjdSettings, config: dict, device) -> SjdSettings:
+    """relax=lantern: load the tokenizer's neighbour table (computed once, cached beside the tokenizer run)."""
+    if settings.relax == "lantern" and settings.k > 0:
+        from decoding.lantern import codebook_neighbours
+
+        settings.neighbours = codebook_neighbours(config, settings.k, device)
+    return settings
+
+
+@register("sjd", applies_to=("gpt",), settings=SjdSettings, prepare=_prepare)
 def generate(model, cond, sampling, generator, tokenizer, settings: SjdSettings):
     """Speculative Jacobi decoding -> (tokens (B, N), stats: accepted lengths, per-row forwards, ...)."""
     step_fn = torch.compile(model.step, dynamic=False) if settings.compile else None
     loop = SpeculativeLoop(model, cond, sampling, generator, settings.window,
-                           JacobiDrafter(settings.init, settings.draft_coupling), step_fn=step_fn)
+                           JacobiDrafter(settings.init, settings.draft_coupling), rule=_rule(sampling, settings),
+                           step_fn=step_fn)
     return loop.run()
+
+
+def _rule(sampling, settings: SjdSettings):
+    """The acceptance rule: exact (None: the loop's default) or LANTERN's relaxation against the mixture target."""
+    if settings.relax == "none" or settings.k == 0:
+        return None
+    from decoding.lantern_accept import RelaxedSpeculativeSampling
+    from decoding.speculative import is_greedy
+
+    if is_greedy(sampling):
+        raise ValueError("decoding.relax=lantern relaxes sampled acceptance; greedy decoding (temperature 0 or "
+                         "top_k 1) accepts by exact match")
+    if settings.neighbours is None:
+        raise ValueError("decoding.relax=lantern needs the neighbour table: run through sample.py, or call "
+                         "get_decoder('sjd').prepare(settings, run_config, device) first")
+    return RelaxedSpeculativeSampling(settings.neighbours, delta=settings.delta, lam=settings.lam)

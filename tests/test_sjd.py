@@ -265,3 +265,92 @@ def test_sample_py_refuses_sjd_on_a_var_run(tok_runs, tmp_path):
     with pytest.raises(ValueError, match=r"decoding=sjd applies to gpt generators, not to this var run; "
                                          r"decoders for var: ar"):
         run(scfg, tmp_path / "sample")
+
+
+# -- relaxed acceptance (LANTERN's rule on SJD's self-drafts: decoding.relax=lantern) ------------------
+def ring_neighbours(k: int) -> torch.Tensor:
+    """(V, k): code v's neighbours v+1, v+2, ... (mod V)."""
+    return torch.stack([(torch.arange(V) + s) % V for s in range(1, k + 1)], 1) if k else torch.zeros(V, 0).long()
+
+
+def run_rule(model, rule, num, seed=0, window=3):
+    labels = torch.tensor([0, 2]).repeat(num // 2)
+    with torch.no_grad():
+        loop = SpeculativeLoop(model, labels, SAMPLING, torch.Generator().manual_seed(seed), window,
+                               JacobiDrafter("random", "none"), rule)
+        tokens, stats = loop.run()
+    return tokens, labels, stats
+
+
+def joint_tv(tokens, labels, joints) -> float:
+    """The largest over labels of TV(empirical joint of the sequences, analytic joint)."""
+    code = (tokens * V ** torch.arange(tokens.shape[1] - 1, -1, -1)).sum(1)
+    tvs = []
+    for c, joint in joints.items():
+        emp = torch.bincount(code[labels == c], minlength=len(joint)).double()
+        tvs.append(0.5 * float((emp / emp.sum() - joint / joint.sum()).abs().sum()))
+    return max(tvs)
+
+
+@pytest.mark.parametrize("k,delta", [(3, 0.0), (0, 0.3)])
+def test_relaxation_at_delta_zero_or_k_zero_is_exact_sjd(joint_model, k, delta):
+    from decoding.lantern_accept import RelaxedSpeculativeSampling
+
+    model, _ = joint_model
+    exact, _, _ = run_rule(model, None, 4000, seed=5)
+    relaxed, _, _ = run_rule(model, RelaxedSpeculativeSampling(ring_neighbours(k), delta=delta), 4000, seed=5)
+    assert torch.equal(exact, relaxed)
+
+
+def test_relaxed_sjd_stays_within_the_composed_tv_bound_and_accepts_more(joint_model):
+    """δ = 0.05 per token, 4 tokens: TV(output joint, ar's joint) <= 4 δ (+ sampling noise); an always-accept
+    rule (the negative control) is far outside it. A larger δ accepts more drafts than exact SJD (measured on this
+    toy model: mean accepted length 1.197 exact, 1.230 at δ = 0.4, k = 3 — soft Jacobi drafts gain little)."""
+    from decoding.lantern_accept import RelaxedSpeculativeSampling
+
+    model, joints = joint_model
+    num, delta = 40_000, 0.05
+    nbrs = ring_neighbours(V - 1)
+    exact, labels, exact_stats = run_rule(model, None, num)
+    relaxed, _, _ = run_rule(model, RelaxedSpeculativeSampling(nbrs, delta=delta), num)
+    noise = joint_tv(exact, labels, joints)  # the sampling noise of num sequences of an exact sampler
+    assert joint_tv(relaxed, labels, joints) <= model.num_tokens * delta + noise + 0.01
+    _, _, loose = run_rule(model, RelaxedSpeculativeSampling(ring_neighbours(3), delta=0.4), num)
+    assert loose["mean_accepted_length"] > exact_stats["mean_accepted_length"] + 0.015
+
+    class AlwaysAccept(SpeculativeSampling):
+        def accept(self, p, q, drafts, generator):
+            return torch.ones_like(drafts, dtype=torch.bool)
+
+    wrong, _, _ = run_rule(model, AlwaysAccept(), num)
+    assert joint_tv(wrong, labels, joints) > model.num_tokens * delta + noise + 0.01
+
+
+def test_relax_settings_are_validated():
+    dec = get_decoder("sjd")
+    with pytest.raises(ValueError, match="takes one rule: decoding.delta"):
+        dec.parse_settings({"relax": "lantern"})
+    with pytest.raises(ValueError, match="choose none \\(exact\\) or lantern"):
+        dec.parse_settings({"relax": "eagle"})
+    settings = dec.parse_settings({"relax": "lantern", "delta": 0.1, "k": 3})
+    settings.neighbours = ring_neighbours(3)
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="greedy decoding"):
+        dec.run(model, torch.tensor([0]), SamplingConfig(temperature=0.0), None, None, settings)
+    bare = dec.parse_settings({"relax": "lantern", "delta": 0.1})
+    with pytest.raises(ValueError, match="needs the neighbour table"):
+        dec.run(model, torch.tensor([0]), SAMPLING, None, None, bare)
+
+
+def test_relax_lantern_through_the_registry_changes_the_samples_and_zero_delta_does_not(joint_model):
+    model, _ = joint_model
+    dec, cond = get_decoder("sjd"), torch.tensor([0, 2]).repeat(500)
+
+    def run(extra):
+        settings = dec.parse_settings({"window": 3, **extra})
+        settings.neighbours = ring_neighbours(3)
+        return dec.run(model, cond, SAMPLING, torch.Generator().manual_seed(1), None, settings)[0]
+
+    exact = run({})
+    assert torch.equal(run({"relax": "lantern", "delta": 0.0, "k": 3}), exact)
+    assert not torch.equal(run({"relax": "lantern", "delta": 0.4, "k": 3}), exact)
