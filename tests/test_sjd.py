@@ -246,7 +246,8 @@ def test_sample_py_runs_sjd_with_its_stats_and_compare_ar(tok_runs, tmp_path):
     result = run(scfg, tmp_path / "sample")
     saved = json.loads((tmp_path / "sample" / "metrics.json").read_text())
     assert saved["decoding"] == "sjd" and saved["decoding_settings"] == {
-        "window": 4, "init": "random", "draft_coupling": "gumbel", "compile": False}
+        "window": 4, "init": "random", "draft_coupling": "gumbel", "compile": False, "relax": "none", "delta": None,
+        "lam": None, "k": 1000}
     speed = result["speed"]
     assert speed["step_compression"] == 16 / speed["forward_passes_per_image"] >= 1
     assert 1 <= speed["decoding_stats"]["mean_accepted_length"] <= 4
