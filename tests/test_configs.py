@@ -24,6 +24,9 @@ def test_every_config_composes(group, option, tmp_path):
     extra = ["data.root=/tmp"] if (group, option) == ("data", "image_folder") else []
     cfg = compose_config("train", [f"{group}={option}", *extra], tmp_path)
     assert cfg.task in ("tokenizer", "generator", "drafter", "distill")
+    from train import check_train_config
+
+    check_train_config(cfg)  # the task, its monitor and the ranges a run checks before it starts
     assert cfg.trainer._target_ == "lightning.Trainer"
     if group == "tokenizer":
         assert cfg.tokenizer.quantizer._target_.startswith("tokenizers.")
