@@ -29,12 +29,7 @@ SAMPLING = SamplingConfig(cfg_scale=1.5, temperature=1.0, top_k=0, top_p=1.0)
 FLOW = {"steps": 16, "solver": "rk4"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_gpt(seed=0, noise=0.5):

@@ -28,12 +28,7 @@ SAMPLING = SamplingConfig(cfg_scale=1.5, temperature=1.0, top_k=6, top_p=0.95, c
 NUM = 100_000  # sequences per distribution test
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt(grid=(2, 2), vocab=V, scale=1.0, seed=0) -> GPT:
