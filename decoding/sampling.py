@@ -109,16 +109,18 @@ def _top_p_keep(vals: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tens
     mass_before = probs.cumsum(-1) - probs  # (N, m) mass ranked above each entry
     tied = vals[:, 1:] == vals[:, :-1]  # (N, m-1) entry j+1 ties with entry j
     rows = tied.any(-1).nonzero().squeeze(1)
-    group = None
-    if rows.numel():  # rare with float logits: the mass before the first entry of each run of ties
-        pos = torch.arange(vals.shape[-1], device=vals.device).expand(rows.numel(), -1)
-        starts = torch.cat([torch.ones_like(tied[rows, :1]), ~tied[rows]], dim=-1)
-        group = torch.where(starts, pos, 0).cummax(dim=-1).values  # (R, m) first position of each run
-        mass_before[rows] = mass_before[rows].gather(-1, group)
+    if rows.numel():  # some rows of thousands: every entry of a run of ties takes the mass before the run
+        mb, t = mass_before[rows], tied[rows]  # (R, m), (R, m-1)
+        while True:  # one pass per entry of the longest run (runs are short: usually one pass and a check)
+            moved = torch.where(t, mb[:, :-1], mb[:, 1:])  # (R, m-1)
+            if torch.equal(moved, mb[:, 1:]):
+                break
+            mb[:, 1:] = moved
+        mass_before[rows] = mb
     keep = mass_before < p
     keep[:, 0] = True
-    if group is not None:
-        keep[rows] |= group == 0
+    if rows.numel():  # the top-1 run always stays
+        keep[rows] |= vals[rows] == vals[rows, :1]
     return keep
 
 

@@ -152,8 +152,9 @@ class GPT(CachedBlocksMixin, nn.Module):
 
         ``use_cache=False`` reruns the full causal forward on the prefix every token (the naive reference);
         both draw from the generator identically, so they give the same tokens for the same seed.
-        ``compile`` (CUDA): the one-token decode step runs with fixed shapes (per-row positions over the whole
-        static cache) under ``torch.compile(mode="reduce-overhead")``, i.e. captured as a CUDA graph.
+        ``compile``: the one-token decode step runs with fixed shapes (per-row positions over the whole static
+        cache) under ``torch.compile`` (on CUDA mode="reduce-overhead", i.e. captured as a CUDA graph; on CPU
+        inductor's generated C++).
         """
         B, L = cond.shape[0], self.block_size
         guided = sampling.cfg_scale != 1.0
@@ -185,11 +186,11 @@ class GPT(CachedBlocksMixin, nn.Module):
         return tokens
 
     def _compiled_decode_step(self, device: torch.device, use_cache: bool):
-        """step(x (B, 1), positions (B, 1)) compiled for CUDA graphs (fixed shapes, static cache address)."""
-        if device.type != "cuda" or not use_cache:
-            raise ValueError("decoding.compile=true compiles the cached one-token step into a CUDA graph: it needs "
-                             "device=cuda and use_cache=true")
-        return torch.compile(self.step, mode="reduce-overhead", fullgraph=False)
+        """step(x (B, 1), positions (B, 1)) compiled with fixed shapes: a CUDA graph on CUDA, inductor C++ on CPU."""
+        if not use_cache:
+            raise ValueError("decoding.compile=true compiles the cached one-token step: it needs use_cache=true")
+        # reduce-overhead = CUDA graphs (static cache address); on CPU inductor's default mode
+        return torch.compile(self.step, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=False)
 
     @staticmethod
     def tokens_to_images(tokenizer, tokens: torch.Tensor, info: dict) -> torch.Tensor:

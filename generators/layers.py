@@ -57,6 +57,18 @@ class SwiGLU(nn.Module):
         return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+# glibc serves every allocation above its largest mmap threshold (32 MB on 64-bit Linux) with fresh pages that
+# fault in on first touch, on every call. CPU inference keeps its big temporaries below it, so freed heap
+# memory is reused (benchmarks/RESULTS.md, "Sampling at the hardware limit").
+MMAP_THRESHOLD_BYTES = 32 << 20
+HEAP_CHUNK_BYTES = 16 << 20
+
+
+def cpu_inference(x: torch.Tensor) -> bool:
+    """True for a CPU tensor outside autograd and autocast: the buffer-saving inference paths apply."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+
+
 class Mlp(nn.Module):
     """GELU(tanh) MLP, fc1 -> act -> fc2 (VAR's FFN).
 
@@ -70,7 +82,20 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        if self.training or not cpu_inference(x):
+            return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        # CPU inference: rows in chunks whose hidden activation stays in reused heap memory, GELU in place
+        flat = x.reshape(-1, x.shape[-1])  # (M, D)
+        rows = max(1, HEAP_CHUNK_BYTES // (self.fc1.out_features * x.element_size()))
+        out = flat.new_empty(flat.shape[0], self.fc2.out_features)  # (M, D_out)
+        for i in range(0, flat.shape[0], rows):
+            h = self.fc1(flat[i:i + rows])  # (m, hidden)
+            torch.ops.aten.gelu_(h, approximate="tanh")
+            if self.fc2.bias is None:
+                torch.mm(h, self.fc2.weight.t(), out=out[i:i + rows])
+            else:
+                torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), out=out[i:i + rows])
+        return out.view(*x.shape[:-1], -1)
 
 
 class DropPath(nn.Module):
@@ -293,9 +318,15 @@ class Attention(nn.Module):
         bias = self.qkv.bias
         if hasattr(self, "q_bias"):
             bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, D + 2 kv_dim)
-        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                             self.kv_heads * self.head_dim], dim=-1)
+        sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        if cpu_inference(x) and b * n * sum(sizes) * x.element_size() > MMAP_THRESHOLD_BYTES:
+            # three products instead of one output above glibc's mmap threshold (page faults on every call)
+            ws = self.qkv.weight.split(sizes)
+            bs = bias.split(sizes) if bias is not None else (None, None, None)
+            q, k, v = (F.linear(x, w, bb) for w, bb in zip(ws, bs))  # (B, N, D), 2 x (B, N, kv_dim)
+        else:
+            qkv = F.linear(x, self.qkv.weight, bias)  # (B, N, D + 2 kv_dim)
+            q, k, v = qkv.split(sizes, dim=-1)
         q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
         k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, N, Dh)
         v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)

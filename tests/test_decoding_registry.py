@@ -58,10 +58,34 @@ def test_a_decoder_refuses_a_generator_kind_it_does_not_apply_to():
         gpt_only.check_applies(model)
 
 
-def test_compile_needs_cuda():
+def test_compile_needs_the_cache():
     model = GPT(16, 3, block_size=4, dim=16, depth=1, heads=2)
-    with pytest.raises(ValueError, match="needs device=cuda"):
-        get_decoder("ar").run(model, torch.tensor([0]), None, None, settings={"compile": True})
+    with pytest.raises(ValueError, match="compiles the cached one-token step: it needs use_cache=true"):
+        get_decoder("ar").run(model, torch.tensor([0]), None, None, settings={"compile": True, "use_cache": False})
+
+
+@pytest.mark.slow  # inductor generates and builds C++ for the step: about a minute on 2 loaded cores
+def test_compiled_steps_give_the_eager_tokens_on_cpu(one_thread):
+    """decoding.compile=true on CPU (inductor, no CUDA graphs): ar and sjd draw the eager tokens for a seed."""
+    torch.manual_seed(0)
+    model = GPT(64, 3, block_size=16, dim=64, depth=2, heads=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    cond = torch.tensor([0, 1, 2, 1])
+    s = SamplingConfig(cfg_scale=2.0, top_k=20, top_p=0.9)
+    try:
+        eager, _ = get_decoder("ar").run(model, cond, s, torch.Generator().manual_seed(3))
+        for _ in range(2):  # the second call reuses the compiled step
+            compiled, _ = get_decoder("ar").run(model, cond, s, torch.Generator().manual_seed(3),
+                                                settings={"compile": True})
+            assert torch.equal(eager, compiled)
+        sjd = get_decoder("sjd")
+        eager, _ = sjd.run(model, cond, s, torch.Generator().manual_seed(5), None, {"window": 5})
+        compiled, _ = sjd.run(model, cond, s, torch.Generator().manual_seed(5), None, {"window": 5, "compile": True})
+        assert torch.equal(eager, compiled)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding.compile captures CUDA graphs: needs CUDA")
