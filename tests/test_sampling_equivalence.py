@@ -161,7 +161,7 @@ def strictly_above_rule(logits, top_k, top_p):
 def test_ties_at_the_top_p_boundary():
     g = torch.Generator().manual_seed(5)
     logits = torch.randint(0, 6, (16, 40), generator=g).float()  # many ties, every boundary lands in a group
-    for top_k, top_p in [(0, 0.5), (0, 0.9), (12, 0.7), (30, 0.95)]:
+    for top_k, top_p in [(0, 0.5), (0, 0.9), (12, 0.7), (30, 0.95), (0, 0.0), (12, 0.0)]:  # p = 0: the top-1 run
         new = torch.isfinite(filter_logits(logits, top_k=top_k, top_p=top_p))
         assert torch.equal(new, strictly_above_rule(logits, top_k, top_p))
         # the old code kept a subset of the group the boundary fell into; never a token the rule drops
