@@ -260,17 +260,25 @@ def forward_flops(model, labels, sampling, msvq) -> float:
 def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list[dict], str]:
     """Per model: the new sampler (A) against the previous full-sort one (B), alternating over ``rounds``;
     the share of time outside the forward passes, forward GFLOP/s against a matmul peak of the same round."""
+    import contextlib
+
     import decoding.ar
     import generators.var
     from decoding.ar import generate
     from decoding.sampling import sample_from_logits
+    from tests.test_forward_equivalence import reference_forward
     from tests.test_sampling_equivalence import ref_sample_from_logits
 
-    samplers = {"new": sample_from_logits, "old": ref_sample_from_logits}
+    # arm -> (sampler, forward): "prev_fwd" = the new sampler over the previous forward (tests/test_forward_equivalence.py)
+    samplers = {"new": sample_from_logits, "old": ref_sample_from_logits, "prev_fwd": sample_from_logits}
+    forwards = {"new": contextlib.nullcontext, "old": contextlib.nullcontext, "prev_fwd": reference_forward}
 
     def use(fn):  # both call sites of the sampler
         decoding.ar.sample_from_logits = fn
         generators.var.sample_from_logits = fn
+
+    def tokens_of(out):
+        return torch.cat([t.flatten(1) for t in out], 1) if isinstance(out, list) else out
 
     rows = []
     for name, (model, msvq) in limit_models(vocab).items():
@@ -279,34 +287,40 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
         labels = torch.arange(batch) % 1000
         flops = forward_flops(model, labels, LIMIT_SAMPLING, msvq)
         timer = ForwardTimer(model, torch.device("cpu"))
-        per = {k: {"total": [], "outside": []} for k in samplers}
-        ratio, frac_peak, peaks = [], [], []
+        per = {k: {"total": [], "outside": [], "forward": []} for k in samplers}
+        ratio, fwd_ratio, frac_peak, peaks, same_tokens = [], [], [], [], True
         try:
             for k, fn in samplers.items():  # warm-up
                 use(fn)
-                generate(model, labels, LIMIT_SAMPLING, torch.Generator().manual_seed(0), msvq)
+                with forwards[k]():
+                    generate(model, labels, LIMIT_SAMPLING, torch.Generator().manual_seed(0), msvq)
             for r in range(rounds):
                 order = list(samplers) if r % 2 == 0 else list(samplers)[::-1]
                 peak = matmul_peak()
-                fwd_new = None
+                tokens = {}
                 for k in order:
                     use(samplers[k])
                     timer.seconds = 0.0
-                    t0 = time.perf_counter()
-                    generate(model, labels, LIMIT_SAMPLING, torch.Generator().manual_seed(r), msvq)
-                    total = time.perf_counter() - t0
+                    with forwards[k]():
+                        t0 = time.perf_counter()
+                        out, _ = generate(model, labels, LIMIT_SAMPLING, torch.Generator().manual_seed(r), msvq)
+                        total = time.perf_counter() - t0
+                    tokens[k] = tokens_of(out)
                     per[k]["total"].append(total)
                     per[k]["outside"].append(1 - timer.seconds / total)
-                    if k == "new":
-                        fwd_new = timer.seconds
+                    per[k]["forward"].append(timer.seconds)
+                same_tokens &= torch.equal(tokens["new"], tokens["prev_fwd"])
                 peak = max(peak, matmul_peak())  # the better of before and after the round
                 peaks.append(peak)
+                fwd_new = per["new"]["forward"][-1]
                 ratio.append(per["old"]["total"][-1] / per["new"]["total"][-1])
+                fwd_ratio.append(per["prev_fwd"]["forward"][-1] / fwd_new)
                 frac_peak.append(flops / fwd_new / 1e9 / peak)
                 print(f"{name} round {r}: new {per['new']['total'][-1]:.2f} s (outside "
-                      f"{100 * per['new']['outside'][-1]:.1f} %), old {per['old']['total'][-1]:.2f} s (outside "
+                      f"{100 * per['new']['outside'][-1]:.1f} %), old sampler {per['old']['total'][-1]:.2f} s (outside "
                       f"{100 * per['old']['outside'][-1]:.1f} %), forward {flops / fwd_new / 1e9:.1f} GFLOP/s, "
-                      f"peak {peak:.1f}", flush=True)
+                      f"previous forward {flops / per['prev_fwd']['forward'][-1] / 1e9:.1f} GFLOP/s, peak {peak:.1f}",
+                      flush=True)
         finally:
             use(sample_from_logits)
             for attr in ("prefill", "step"):
@@ -316,6 +330,9 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
                      "outside_new": (med(per["new"]["outside"]), min(per["new"]["outside"]), max(per["new"]["outside"])),
                      "outside_old": (med(per["old"]["outside"]), min(per["old"]["outside"]), max(per["old"]["outside"])),
                      "speedup": (med(ratio), min(ratio), max(ratio)), "peak": med(peaks),
+                     "fwd_speedup": (med(fwd_ratio), min(fwd_ratio), max(fwd_ratio)), "same_tokens": same_tokens,
+                     "frac_peak_prev": tuple(f(flops / t / 1e9 / p for t, p in zip(per["prev_fwd"]["forward"], peaks))
+                                             for f in (med, min, max)),
                      "frac_peak": (med(frac_peak), min(frac_peak), max(frac_peak)),
                      "gflops": med(frac_peak) * med(peaks)})
     return rows, limit_table(rows, batch, vocab)
@@ -328,11 +345,13 @@ def limit_table(rows: list[dict], batch: int, vocab: int) -> str:
 
     lines = [f"| model (batch {batch}, V {vocab}) | params | forward GFLOP / generate | outside forward passes, new "
              "sampler | outside, previous sampler | sampling speed-up new / previous | forward GFLOP/s | matmul "
-             "peak GFLOP/s | forward / peak |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak GFLOP/s | forward / peak | previous forward / peak | forward speed-up new / previous | same "
+             "tokens as the previous forward |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.0f} | {rng(r['outside_new'], True)} | "
                      f"{rng(r['outside_old'], True)} | {rng(r['speedup'])} | {r['gflops']:.1f} | {r['peak']:.1f} | "
-                     f"{rng(r['frac_peak'], True)} |")
+                     f"{rng(r['frac_peak'], True)} | {rng(r['frac_peak_prev'], True)} | {rng(r['fwd_speedup'])} | "
+                     f"{'yes' if r['same_tokens'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -424,9 +443,11 @@ def hardware_limit_main(args, argv) -> int:
                f"share the machine), wall {time.perf_counter() - t0:.0f} s.\n"
                f"Random weights; VAR-d6 on a {args.vocab}-code msvq with VAR's 256 px scales {list(VAR_SCALES)} "
                f"(680 tokens), GPT-d6 = 6 layers x 384 on a 16x16 grid (256 tokens, LlamaGen blocks); sampling "
-               f"{LIMIT_SAMPLING} (CFG: batch {args.batch_size} runs as {2 * args.batch_size}). Per round, the new "
-               f"sampler and the previous full-sort one (tests/test_sampling_equivalence.py) each run one whole "
-               f"generate, alternating which goes first; {args.rounds} rounds, median [min–max]. Outside = 1 - "
+               f"{LIMIT_SAMPLING} (CFG: batch {args.batch_size} runs as {2 * args.batch_size}). Per round, three arms "
+               f"each run one whole generate (the order reversed every other round): the new sampler and forward, "
+               f"the previous full-sort sampler (tests/test_sampling_equivalence.py), and the new sampler over the "
+               f"previous forward (tests/test_forward_equivalence.py; its tokens must equal the first arm's for the "
+               f"same seed); {args.rounds} rounds, median [min–max]. Outside = 1 - "
                f"(time inside prefill/step) / total. Forward GFLOP/s = counted FLOPs (matmuls by FlopCounterMode, "
                f"attention 4 B H N T Dh) / time inside prefill/step; peak = best 1536^3 fp32 matmul measured "
                f"before and after each round in the same process.\n\n" + text + "\n")
