@@ -67,6 +67,9 @@ def cfg_split_combine(logits: torch.Tensor, scale: float) -> torch.Tensor:
 #                         Candidate selection (no full sort)                    #
 #################################################################################
 
+PARTITION_BLOCK_BYTES = 4 << 20  # argpartition's int64 scratch per block of rows
+
+
 def top_candidates(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The m largest entries of each row of x (N, V), sorted descending -> (values (N, m), indices (N, m)).
 
@@ -77,8 +80,13 @@ def top_candidates(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]
         return torch.topk(x, m, dim=-1, sorted=True)
     a = x.detach().numpy()
     if m < v:
-        idx = np.argpartition(a, v - m, axis=-1)[:, v - m:]  # (N, m) the m largest, unordered
-        vals = x.gather(-1, torch.from_numpy(np.ascontiguousarray(idx))).numpy()
+        # row blocks: argpartition's (rows, V) int64 scratch stays in reused heap memory (a whole (N, V) one
+        # above glibc's 32 MB mmap threshold would page-fault in on every call)
+        rows = max(1, PARTITION_BLOCK_BYTES // (8 * v))
+        idx = np.empty((n, m), dtype=np.int64)  # (N, m) the m largest, unordered
+        for i in range(0, n, rows):
+            idx[i:i + rows] = np.argpartition(a[i:i + rows], v - m, axis=-1)[:, v - m:]
+        vals = x.gather(-1, torch.from_numpy(idx)).numpy()
     else:
         idx, vals = np.arange(v, dtype=np.int64), a
     vals, idx = _sort_descending(vals, idx)

@@ -169,7 +169,10 @@ def test_ties_at_the_top_p_boundary():
         assert not (old & ~new).any()
 
 
-def test_candidates_match_torch_topk():
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_candidates_match_torch_topk(block_rows, monkeypatch):
+    if block_rows:  # argpartition over several blocks of rows (the last one short)
+        monkeypatch.setattr("decoding.sampling.PARTITION_BLOCK_BYTES", 8 * 500 * block_rows)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(33, 500, generator=g)
     for m in (1, 17, 499, 500):
