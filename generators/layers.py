@@ -62,6 +62,7 @@ class SwiGLU(nn.Module):
 # memory is reused (benchmarks/RESULTS.md, "Sampling at the hardware limit").
 MMAP_THRESHOLD_BYTES = 32 << 20
 HEAP_CHUNK_BYTES = 16 << 20
+ROW_BLOCK = 256  # chunks of a multiple of 256 rows gave bitwise the unchunked GEMM (MKL, AVX2); tests hold 1e-5
 
 
 def cpu_inference(x: torch.Tensor) -> bool:
@@ -86,7 +87,8 @@ class Mlp(nn.Module):
             return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
         # CPU inference: rows in chunks whose hidden activation stays in reused heap memory, GELU in place
         flat = x.reshape(-1, x.shape[-1])  # (M, D)
-        rows = max(1, HEAP_CHUNK_BYTES // (self.fc1.out_features * x.element_size()))
+        rows = HEAP_CHUNK_BYTES // (self.fc1.out_features * x.element_size())
+        rows = max(ROW_BLOCK, rows - rows % ROW_BLOCK)  # whole GEMM row blocks: the same sums as one product
         out = flat.new_empty(flat.shape[0], self.fc2.out_features)  # (M, D_out)
         for i in range(0, flat.shape[0], rows):
             h = self.fc1(flat[i:i + rows])  # (m, hidden)

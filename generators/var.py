@@ -40,12 +40,12 @@ class AdaLNSelfAttnBlock(nn.Module):
     def forward(self, x, c, mask=None, cache=None):
         # x (B, N, C), c (B, C) -> 6 x (B, 1, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(c).view(-1, 1, 6, self.dim).unbind(2)
-        if self.training and self.drop_path.p > 0:
+        if torch.is_grad_enabled() or (self.training and self.drop_path.p > 0):
             x = x + self.drop_path(self.attn(self.ln(x) * (1 + scale1) + shift1, mask=mask, cache=cache) * gamma1)
             return x + self.drop_path(self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2)
-        # the same products and sums, fused: shift + ln(x) * (1 + scale), x + branch * gamma
-        x = torch.addcmul(x, self.attn(torch.addcmul(shift1, self.ln(x), 1 + scale1), mask=mask, cache=cache), gamma1)
-        return torch.addcmul(x, self.ffn(torch.addcmul(shift2, self.ln(x), 1 + scale2)), gamma2)
+        # inference: the same products and sums in the same order (bitwise the same), in place on fresh tensors
+        x = x + self.attn(self.ln(x).mul_(1 + scale1).add_(shift1), mask=mask, cache=cache).mul_(gamma1)
+        return x.add_(self.ffn(self.ln(x).mul_(1 + scale2).add_(shift2)).mul_(gamma2))
 
 
 class AdaLNBeforeHead(nn.Module):
