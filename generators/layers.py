@@ -238,9 +238,11 @@ class KVCache:
     """
 
     def __init__(self, batch_size: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None):
-        # zeros, not empty: unwritten slots are masked out, but must not hold NaN/inf bit patterns
-        self.kv = torch.zeros(2, batch_size, heads, max_len, head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype = torch.float32, device=None, zero: bool = True):
+        """zero=False leaves the buffer unfilled: only for callers that never read a slot they have not written."""
+        # zeros by default: unwritten slots are masked out, but must not hold NaN/inf bit patterns
+        alloc = torch.zeros if zero else torch.empty
+        self.kv = alloc(2, batch_size, heads, max_len, head_dim, dtype=dtype, device=device)
         if self.kv.is_cuda:  # a fixed address: a compiled step mutates it in place inside a CUDA graph
             torch._dynamo.mark_static_address(self.kv)
         self.max_len = max_len
@@ -387,11 +389,12 @@ class CachedBlocksMixin:
     max_cache_len: int
 
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-                    device=None) -> None:
+                    device=None, zero: bool = True) -> None:
         """Allocate a fresh static cache per layer: (2, batch_size, heads, max_len, head_dim).
 
         dtype defaults to the autocast dtype when autocast is on (so k/v are stored without casts),
-        else to the parameters' dtype; max_len defaults to ``max_cache_len``.
+        else to the parameters' dtype; max_len defaults to ``max_cache_len``. ``zero=False`` skips the zero
+        fill, for a caller whose queries only ever read slots it has written (VAR's per-scale sampler).
         """
         ref = next(self.parameters())
         device = torch.device(device) if device is not None else ref.device
@@ -401,7 +404,7 @@ class CachedBlocksMixin:
         max_len = max_len or self.max_cache_len
         for blk in self.blocks:
             attn = blk.attn
-            attn.cache = KVCache(batch_size, attn.kv_heads, max_len, attn.head_dim, dtype, device)
+            attn.cache = KVCache(batch_size, attn.kv_heads, max_len, attn.head_dim, dtype, device, zero)
         self._slot_ids = torch.arange(max_len, device=device)  # (max_len,) for position masks
         self._lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
         self._uniform_length: int | None = 0

@@ -154,3 +154,25 @@ def test_var_logits_and_tokens_match_the_previous_forward(small_thresholds):
     with reference_forward():
         ref_maps = sample()
     assert all(torch.equal(a, b) for a, b in zip(new_maps, ref_maps))
+
+
+def test_var_sampler_never_reads_an_unwritten_cache_slot(monkeypatch):
+    """VAR.generate skips the cache's zero fill: with NaN in every unwritten slot the tokens stay the same."""
+    scales = (1, 2, 3)
+    msvq = MultiScaleVQ(dim=8, codebook_size=64, scales=scales).eval()
+    model = _perturbed(VAR(64, 5, scales, code_dim=8, depth=2, width=32, heads=2), scale=0.1)
+    labels = torch.tensor([0, 3])
+
+    def sample():
+        return model.generate(msvq, labels, cfg=1.5, top_k=20, generator=torch.Generator().manual_seed(1))
+
+    ref = sample()
+    init = layers.KVCache.__init__
+
+    def nan_filled(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not kwargs.get("zero", args[6] if len(args) > 6 else True):
+            self.kv.fill_(float("nan"))
+
+    monkeypatch.setattr(layers.KVCache, "__init__", nan_filled)
+    assert all(torch.equal(a, b) for a, b in zip(sample(), ref))
