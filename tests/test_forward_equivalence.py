@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import generators.layers as layers
+from generators import layers
 from generators.layers import Attention, Mlp
 from generators.var import VAR, AdaLNSelfAttnBlock
 from tokenizers.msvq import MultiScaleVQ
-
 
 # -- the previous implementation, kept as the reference ----------------------------------------
 
