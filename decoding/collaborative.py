@@ -75,10 +75,29 @@ def _stage(sampling: SamplingConfig, settings: CollaborativeSettings, prefix: st
     return {k: run[k] if v is None else v for k, v in own.items()}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's max-allocated counter, or on Linux the process's VmHWM (/proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (Linux >= 4.0)
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the CPU peak stays the process's lifetime peak (ru_maxrss)
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated since the last reset; CPU: the peak resident set size of this process."""
+    """CUDA: max allocated since the last reset; CPU: the peak RSS since the last reset (Linux), else of the process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 10  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
@@ -97,8 +116,7 @@ def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settin
         raise ValueError(f"the refiner's scales {refiner.scales} differ from the drafter's {model.scales}")
     msvq = getattr(tokenizer, "quantizer", tokenizer)
     device = cond.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)  # the peak of this call: both models' weights plus what sampling allocates
     # 1. the drafter: scales 0..N-1 over its own cache (freed inside generate)
     t0 = time.perf_counter()
     d = _stage(sampling, settings, "drafter")
@@ -124,5 +142,5 @@ def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settin
     stats = {"forward_passes": drafter_counter.count + refiner_passes, "drafter_forward_passes": drafter_counter.count,
              "refiner_forward_passes": refiner_passes, "drafting_steps": N,
              "drafter_seconds": t1 - t0, "refiner_seconds": t2 - t1, "peak_memory_mb": peak_memory_mb(device),
-             "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS"}
+             "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS during the call"}
     return indices, stats

@@ -185,3 +185,21 @@ def test_var_distillation_from_itself_is_zero_and_sees_the_same_dropped_labels(m
     torch.manual_seed(0)
     loss, _ = student.loss(codes, torch.arange(6) % NC, SimpleNamespace(quantizer=msvq), obj)
     assert abs(loss.item()) < 1e-5  # label dropout drew null labels for some rows: the teacher saw them too
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
+def test_cpu_peak_memory_is_the_peak_since_the_reset():
+    """A 256 MiB buffer freed before the reset is not in the peak; the same buffer after the reset is."""
+    from decoding.collaborative import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2 ** 20)  # 256 MiB, touched
+    del big
+    reset_peak_memory(cpu)
+    before = peak_memory_mb(cpu)
+    big = torch.ones(64 * 2 ** 20)
+    after = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert after - before > 200  # the buffer made after the reset counts
+    assert peak_memory_mb(cpu) < after - 200  # and a reset after freeing it forgets it (negative control)
