@@ -36,27 +36,32 @@ FLOW = {"steps": 16, "solver": "rk4"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def toy_var(seed=0, noise=0.5):
+def toy_var(seed=0, noise=0.5, scales=SCALES):
     torch.manual_seed(seed)
-    model = VAR(V, NC, SCALES, D_CODE, depth=1, width=32, heads=2, class_dropout=0.0)
+    model = VAR(V, NC, scales, D_CODE, depth=1, width=32, heads=2, class_dropout=0.0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(noise * torch.randn_like(p))  # far from uniform p
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def msvq():
+def toy_msvq(scales=SCALES):
     torch.manual_seed(1)
-    q = MultiScaleVQ(D_CODE, V, SCALES)
+    q = MultiScaleVQ(D_CODE, V, scales)
     with torch.no_grad():
         q.embedding.weight.normal_()  # well-separated codes
     return q.eval()
 
 
+@pytest.fixture(scope="module")
+def msvq():
+    return toy_msvq()
+
+
 def student_of(teacher, msvq, splits=(0, 2)):
     codes = code_vectors(msvq)
-    student = DistilledVAR(VAR(V, NC, SCALES, D_CODE, depth=1, width=32, heads=2, class_dropout=0.0), codes, splits)
+    student = DistilledVAR(VAR(V, NC, teacher.scales, D_CODE, depth=1, width=32, heads=2, class_dropout=0.0), codes,
+                           splits)
     student.init_from_teacher(teacher)
     return student.eval()
 
@@ -178,20 +183,25 @@ def test_var_two_step_keeps_the_first_scales_and_reuses_the_noise(msvq, monkeypa
     assert (t1[:, t:] != t2[:, t:]).any()  # the second step decided something (else the checks above are vacuous)
 
 
-def test_var_teacher_involved_decodes_the_middle_scales_with_the_teacher(msvq):
-    teacher = toy_var()
-    student = student_of(teacher, msvq)
+def test_var_teacher_involved_decodes_the_middle_scales_with_the_teacher():
+    """Scales 1, 2, 3, 4 (tokens 0 | 1-4 | 5-13 | 14-29), split 3, teacher_from 2: the student's scales 0..1, the
+    teacher's scale 2 (from the same noise), the student's second step on scale 3."""
+    msvq4 = toy_msvq((1, 2, 3, 4))
+    teacher = toy_var(scales=(1, 2, 3, 4))
+    student = student_of(teacher, msvq4, splits=(0, 3))
     dec = get_decoder("distilled")
-    settings = dec.parse_settings({"steps": 2, "split": 2, "teacher_from": 1, "flow_steps": 16})
+    settings = dec.parse_settings({"steps": 2, "split": 3, "teacher_from": 2, "flow_steps": 16})
     settings.teacher = teacher
     lab = torch.arange(8) % NC
-    tokens, stats = dec.run(student, lab, SAMPLING, torch.Generator().manual_seed(4), msvq, settings)
+    tokens, stats = dec.run(student, lab, SAMPLING, torch.Generator().manual_seed(4), msvq4, settings)
     eps = student.noise(8, torch.Generator().manual_seed(4), "cpu")
     first = student.predict(eps, None, 0, lab)
-    expect = var_teacher_map(teacher, lab, eps, SAMPLING, student.codes, student.sigmas, first[:, :1], 5, 16,
-                             tokenizer=msvq)
-    assert torch.equal(tokens[:, :1], first[:, :1]) and torch.equal(tokens[:, :5], expect)
-    assert stats["teacher_forward_passes"] == 1 and stats["forward_passes"] == 3  # prefill of scales 0..1
+    expect = var_teacher_map(teacher, lab, eps, SAMPLING, student.codes, student.sigmas, first[:, :5], 14, 16,
+                             tokenizer=msvq4)
+    assert torch.equal(tokens[:, :5], first[:, :5]) and torch.equal(tokens[:, :14], expect)
+    assert (expect[:, 5:14] != first[:, 5:14]).any()  # the teacher did change scale 2 (else the check is vacuous)
+    assert torch.equal(tokens, student.predict(eps, expect, 3, lab))
+    assert stats["teacher_forward_passes"] == 1 and stats["forward_passes"] == 3  # one prefill of scales 0..2
 
 
 def test_var_student_reproduces_the_teacher_map_on_held_out_noise(msvq):
