@@ -1,15 +1,18 @@
 """Distilled decoding's training side (DD1): the teacher's (noise, tokens) pairs, the student, its LightningModule.
 
-``train.py task=distill teacher_ckpt=<gpt run>`` (configs/distill/default.yaml) runs ``prepare_distill``:
+``train.py task=distill teacher_ckpt=<gpt or var run>`` (configs/distill/default.yaml) runs ``prepare_distill``:
 
 1. Pairs. ``build_pairs`` draws eps (N, L, d) ~ N(0, I) and labels (balanced over classes) and maps them through
-   the teacher alone (``decoding.distilled.teacher_map``: the flow map chained over the KV cache; no training
+   the teacher alone (``decoding.distilled.teacher_map_of(teacher)``: the flow map chained over the KV cache,
+   token by token for a GPT, scale by scale for a VAR (``var_teacher_map``); no training
    images). Chunks of ``chunk_size`` pairs are written atomically as safetensors under
    ``<data_dir>/dd_pairs/<key>/``; chunk k is drawn from its own seed, so a killed build resumes at the first
    missing chunk and a larger num_pairs extends the same pairs. ``key`` hashes the teacher run's files
    (model.safetensors + config.yaml), the sampling settings, the flow solver and the seed: a changed teacher
    or setting is another folder (rebuilt, never reused).
-2. The student (``DistilledGPT``, kind ``dd_gpt``): the teacher's GPT (weights copied from the teacher) driven
+2. The student (the per-kind adapter ``student_of_kind``: ``DistilledGPT`` below, or ``DistilledVAR`` of
+   generators/distill_var.py for a VAR teacher, whose splits are scale indices; both share ``DistilledStudent``'s
+   noise, inputs, step and loss). ``DistilledGPT`` (kind ``dd_gpt``): the teacher's GPT (weights copied from the teacher) driven
    by input embeddings. Alignment with GPT's [class, ...] layout (L tokens, width D, code dim d):
 
        x           (B, L, d)    x_j = eps_j (noise) or c_{token_j} (data) for j < t
@@ -362,6 +365,8 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
                          "(outputs/generator/<time>, from python train.py task=generator generator=gpt|var ...)")
     d = OmegaConf.to_container(cfg.distill, resolve=True)
     teacher, tokenizer, tconfig, thash = load_teacher(cfg.teacher_ckpt, device)
+    student_cls, builder = student_of_kind(teacher.kind)
+    splits = student_cls.resolve_splits(d["splits"], teacher)  # GPT: tokens (0.5 -> L/2), VAR: scale indices
     sampling = sampling_config(tconfig["generator"]["sampling"], d["sampling"])
     codes = code_vectors(tokenizer).to(device)  # (V, d)
     sigmas = flow_sigma_range(codes)
@@ -374,8 +379,6 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
                          int(d["pairs_batch_size"]), sigmas, tokenizer)
     datamodule = PairDataModule(folder, num_pairs, val_pairs, batch_size=int(d["batch_size"]),
                                 eval_batch_size=int(d["batch_size"]), num_workers=0, seed=int(d["seed"]))
-    student_cls, builder = student_of_kind(teacher.kind)
-    splits = student_cls.resolve_splits(d["splits"], teacher)  # GPT: tokens (0.5 -> L/2), VAR: scale indices
     gen = {"name": student_cls.kind, "model": {"_target_": builder,
                                        "teacher_target": tconfig["generator"]["model"]["_target_"],
                                        "teacher_model": {k: v for k, v in tconfig["generator"]["model"].items()

@@ -71,7 +71,11 @@ class DistilledVAR(DistilledStudent):
     def resolve_splits(splits, teacher) -> list[int]:
         """distill.splits -> scale indices: an int as given, a float that fraction of the K scales (0.5 -> K/2)."""
         K = len(teacher.scales)
-        return sorted({round(s * K) if isinstance(s, float) else int(s) for s in splits})
+        out = sorted({round(s * K) if isinstance(s, float) else int(s) for s in splits})
+        if not out or out[0] != 0 or out[-1] >= K:
+            raise ValueError(f"distill.splits={list(splits)}: VAR splits are scale indices; need 0 first and every "
+                             f"split in 0..{K - 1} (scales {list(teacher.scales)}), e.g. distill.splits=[0,{K // 2 + 1}]")
+        return out
 
     def position(self, split: int) -> int:
         """Tokens decided before split scale index m: bounds[m][0] (m = K: all L)."""

@@ -274,6 +274,8 @@ def test_var_bad_settings_name_the_fix(msvq):
         var_teacher_map(teacher, torch.zeros(1, dtype=torch.long), torch.zeros(1, L, D_CODE), SAMPLING, codes,
                         flow_sigma_range(codes))
     assert DistilledVAR.resolve_splits([0, 0.5], teacher) == [0, 2]  # a float: that fraction of the 3 scales
+    with pytest.raises(ValueError, match="scale indices"):
+        DistilledVAR.resolve_splits([0, 3], teacher)  # checked before any pair is built
     with pytest.raises(ValueError, match="trained on splits"):
         get_decoder("distilled").run(student_of(teacher, msvq), torch.arange(2), SAMPLING, None, msvq,
                                      {"steps": 2, "split": 1})
