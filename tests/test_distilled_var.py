@@ -206,7 +206,7 @@ def test_var_teacher_involved_decodes_the_middle_scales_with_the_teacher():
 
 def test_var_student_reproduces_the_teacher_map_on_held_out_noise(msvq):
     """~10 s: 2500 pairs, 200 AdamW steps of 64. Held-out 1-step token accuracy >= 0.8 over all 14 tokens, and on
-    every scale at most half the error of the best constant guess per position (the majority token); the second
+    every scale at most 0.6 of the error of the best constant guess per position (the majority token); the second
     step (true scales 0..1) beats the first on scale 2."""
     teacher = toy_var()
     eps, lab = noise(3000, 7)
@@ -226,7 +226,7 @@ def test_var_student_reproduces_the_teacher_map_on_held_out_noise(msvq):
     majority = torch.stack([torch.bincount(target[:, j], minlength=V).max() for j in range(L)]).double() / 500
     per_scale = [(acc[b:e].mean(), majority[b:e].mean()) for b, e in student.var.bounds]
     assert acc.mean() >= 0.8, acc
-    assert all(1 - a <= 0.5 * (1 - m) for a, m in per_scale), per_scale
+    assert all(1 - a <= 0.6 * (1 - m) for a, m in per_scale), per_scale  # measured: 0.45, 0.03, 0.16 of it
     acc2 = (student.predict(eps[held], target, 2, lab[held]) == target).double()[:, 5:].mean()
     assert acc2 > acc[5:].mean()
 
