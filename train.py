@@ -54,7 +54,7 @@ Tasks:
                   (generator=var needs tokenizer=msvq, flowar tokenizer=kl, gpt a single-scale discrete one)
   task=drafter    LANTERN's draft head for a finished GPT run (decoding=lantern)
                     python train.py task=drafter generator_ckpt=outputs/generator/<time>
-  task=distill    distilled decoding (DD1): noise -> tokens pairs from a GPT run, then a one/two-step student
+  task=distill    distilled decoding (DD1): noise -> tokens pairs from a GPT or VAR run, then a one/two-step student
                     python train.py task=distill teacher_ckpt=outputs/generator/<time>
 Resume a killed run:  python train.py ckpt_path=outputs/<task>/<time>   (its folder or checkpoints/last.ckpt)
 Outputs: outputs/<task>/<time>/: checkpoints/, model.safetensors + config.yaml, metrics.json, csv/metrics.csv"""

@@ -1,15 +1,18 @@
 """Distilled decoding (DD1) rows: a task=distill run against its teacher's ar, the columns of benchmarks/decoding.py.
 
     python benchmarks/distilled.py --ckpt outputs/dd_bench/distill [--no-fid] [--teacher-from 16 24]
+    python benchmarks/distilled.py --ckpt <distill run of a VAR> --teacher-from 2 3 --ar-fids 77.67 76.84
 
 Rows: the teacher's ``ar``; the student's ``distilled`` at steps=1, steps=2, and steps=2 with the teacher decoding
-positions teacher_from..split-1 (one row per --teacher-from). Per row:
+positions (a VAR student: scales) teacher_from..split-1 (one row per --teacher-from; default split/2 and 3 split/4).
+GPT and VAR teachers alike (the tokenizer is passed to every decoder: VAR's ar needs its msvq). Per row:
 
 - forward passes per batch (student + teacher; ar: one per token);
 - latency ratio vs the teacher's ar (ar time / method time, > 1 = faster) at batch 1 and 16: both warmed up, then
   ``--rounds`` alternating rounds (same labels, same seed), median [min-max]; tokens only (no tokenizer decode);
 - FID-1k against the same reference statistics as sample.py (the teacher's ar at ``--fid-seeds`` seeds gives the
-  seed-to-seed spread);
+  seed-to-seed spread; ``--ar-fids`` takes those values from an earlier run with exactly these FID settings, sample.py
+  ``fid.num_samples=N fid.reference_images=N`` at batch 250, instead of recomputing them);
 - the student's cost: pairs generation (the chunks' recorded build time) + training (the run's metrics.json),
   CPU minutes, with the number of pairs and steps.
 """
@@ -28,22 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def timed(decoder, model, labels, sampling, seed, settings) -> tuple[float, dict]:
+def timed(decoder, model, labels, sampling, seed, settings, tokenizer=None) -> tuple[float, dict]:
     """(seconds, stats) of one call from a fresh generator seeded ``seed``."""
     g = torch.Generator(device=labels.device).manual_seed(seed)
     t0 = time.perf_counter()
-    _, stats = decoder.run(model, labels, sampling, g, None, settings)
+    _, stats = decoder.run(model, labels, sampling, g, tokenizer, settings)
     return time.perf_counter() - t0, stats
 
 
-def latency_ratio(ar, teacher, decoder, student, settings, sampling, labels, rounds: int, seed: int):
+def latency_ratio(ar, teacher, decoder, student, settings, sampling, labels, rounds: int, seed: int, tokenizer=None):
     """Median, min, max over alternating rounds of (teacher ar time) / (method time) on the same labels and seed."""
-    timed(ar, teacher, labels, sampling, seed, None)
-    timed(decoder, student, labels, sampling, seed, settings)
+    timed(ar, teacher, labels, sampling, seed, None, tokenizer)
+    timed(decoder, student, labels, sampling, seed, settings, tokenizer)
     ratios = []
     for r in range(rounds):
-        t_ar = timed(ar, teacher, labels, sampling, seed + r, None)[0]
-        t_dd = timed(decoder, student, labels, sampling, seed + r, settings)[0]
+        t_ar = timed(ar, teacher, labels, sampling, seed + r, None, tokenizer)[0]
+        t_dd = timed(decoder, student, labels, sampling, seed + r, settings, tokenizer)[0]
         ratios.append(t_ar / t_dd)
     return statistics.median(ratios), min(ratios), max(ratios)
 
@@ -53,12 +56,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--ckpt", required=True, help="a task=distill run folder")
     parser.add_argument("--teacher-from", type=int, nargs="*", default=None,
-                        help="teacher-involved rows (default: split - 8 and split - 16)")
+                        help="teacher-involved rows, in the student's split units (GPT tokens, VAR scales; default "
+                             "split/2 and 3 split/4)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--fid-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--reference-images", type=int, default=1000)
+    parser.add_argument("--ar-fids", type=float, nargs="*", default=None,
+                        help="the teacher's FIDs at --fid-seeds from an earlier run with exactly these FID settings "
+                             "(not recomputed)")
     parser.add_argument("--no-fid", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -80,13 +87,13 @@ def main() -> None:
     ar, dd = get_decoder("ar"), get_decoder("distilled")
     methods = [("teacher ar", ar, None), ("DD 1-step", dd, dd.parse_settings({"steps": 1})),
                ("DD 2-step", dd, dd.parse_settings({"steps": 2}))]
-    for s in args.teacher_from if args.teacher_from is not None else [max(0, split - 8), max(0, split - 16)]:
+    for s in args.teacher_from if args.teacher_from is not None else sorted({split // 2, 3 * split // 4}):
         settings = dd.parse_settings({"steps": 2, "teacher_from": s, "flow_steps": d["flow"]["steps"]})
         settings.teacher = teacher
         methods.append((f"DD teacher {s}..{split - 1}", dd, settings))
     labels = torch.arange(16) % config["data"]["num_classes"]
-    ar_fids = []
-    if not args.no_fid:
+    ar_fids = list(args.ar_fids or [])
+    if not args.no_fid and not ar_fids:
         for seed in args.fid_seeds:
             ar_fids.append(generator_fid(teacher, tokenizer, tconfig, args.fid_samples, sampling, 250, seed, device,
                                          "test", args.reference_images)["fid"])
@@ -94,12 +101,12 @@ def main() -> None:
     rows = []
     for label, decoder, settings in methods:
         model = teacher if decoder is ar else student
-        row = {"method": label, "forward_passes": timed(decoder, model, labels, sampling, args.seed, settings)[1][
-            "forward_passes"]}
+        row = {"method": label, "forward_passes": timed(decoder, model, labels, sampling, args.seed, settings,
+                                                        tokenizer)[1]["forward_passes"]}
         if decoder is not ar:
             for b in args.batches:
                 row[f"latency_ratio_b{b}"] = latency_ratio(ar, teacher, decoder, student, settings, sampling,
-                                                           labels[:b], args.rounds, args.seed)
+                                                           labels[:b], args.rounds, args.seed, tokenizer)
             if not args.no_fid:
                 row["fid"] = generator_fid(student, tokenizer, config, args.fid_samples, sampling, 250,
                                            args.fid_seeds[0], device, "test", args.reference_images, decoder=decoder,

@@ -1,4 +1,4 @@
-"""Distilled decoding (DD1, arXiv 2412.17153): one- or two-step sampling of a GPT by a student (``decoding=distilled``).
+"""Distilled decoding (DD1, arXiv 2412.17153): one- or two-step sampling of a GPT or VAR by a student (``decoding=distilled``).
 
 The teacher map. At position i the teacher's distribution p_i (CFG, temperature, top-k/top-p: exactly what
 ``decoding=ar`` draws from) and the tokenizer's code vectors c (V, d) define a rectified flow whose closed
@@ -16,6 +16,11 @@ X_t = (code vectors of the first t tokens, noise after) for its training splits 
 * teacher_from=s (s < split): the student's first s tokens, then the teacher decodes positions s..split-1 with
   the flow map on the same eps (split - s teacher forwards: the prefill, then one per further position), then the student finishes
   from X_split: the paper's teacher-involved trade-off between speed and quality.
+
+VAR teachers (``var_teacher_map``): the same map run scale by scale, every token of a scale at once (they are
+conditionally independent given the earlier scales); the student (kind ``dd_var``, generators/distill_var.py)
+counts split and teacher_from in scale indices: steps=2 keeps the first ``split`` scales of step 1, and
+teacher_from=s lets the teacher decode scales s..split-1 (one forward per scale).
 
 Settings: steps, split (default: the student's largest training split), teacher_from, and the flow solver's
 steps for the teacher. The teacher run (recorded in the distill run's config, hash-checked) is loaded by
@@ -53,8 +58,8 @@ def code_vectors(tokenizer) -> torch.Tensor:
 @torch.no_grad()
 def teacher_map(teacher, cond: torch.Tensor, eps: torch.Tensor, sampling: SamplingConfig, codes: torch.Tensor,
                 sigmas: tuple[float, float], prefix: torch.Tensor | None = None, stop: int | None = None,
-                flow_steps: int = 32, solver: str = "rk4") -> torch.Tensor:
-    """The teacher's deterministic noise -> token map over its KV cache.
+                flow_steps: int = 32, solver: str = "rk4", tokenizer=None) -> torch.Tensor:
+    """The GPT teacher's deterministic noise -> token map over its KV cache (``tokenizer`` unused: a GPT needs none).
 
     cond (B,), eps (B, L, d), codes (V, d), prefix (B, t) tokens kept as given -> tokens (B, stop) with
     tokens[:, :t] = prefix and tokens[:, i] = flow_map(eps[:, i], p_i) for t <= i < stop (stop default L).
@@ -87,13 +92,81 @@ def teacher_map(teacher, cond: torch.Tensor, eps: torch.Tensor, sampling: Sampli
     return tokens
 
 
+@torch.no_grad()
+def var_teacher_map(teacher, cond: torch.Tensor, eps: torch.Tensor, sampling: SamplingConfig, codes: torch.Tensor,
+                    sigmas: tuple[float, float], prefix: torch.Tensor | None = None, stop: int | None = None,
+                    flow_steps: int = 32, solver: str = "rk4", tokenizer=None) -> torch.Tensor:
+    """The VAR teacher's deterministic noise -> token map, one cached forward per scale (as ``VAR.generate``).
+
+    Within a scale the tokens are conditionally independent given the earlier scales, so the flow map runs on
+    every token of scale k at once: tokens[:, scale k] = flow_map(eps[:, scale k], p_k) with p_k (B, s_k^2, V)
+    the teacher's distribution after the CFG ramp t = cfg k/(K-1) (cfg 0 = off), temperature, top-k/top-p,
+    exactly what ``decoding=ar`` samples from. Scale k+1's input is VAR's own: the msvq f_hat after scales
+    <= k, area-downsampled (``msvq.next_input``). cond (B,), eps (B, L, d), codes (V, d); prefix (B, t) tokens
+    of the first scales kept as given (t a scale boundary), stop a scale boundary (default L) -> tokens
+    (B, stop). tokenizer: the msvq tokenizer (or its quantizer), required. Teacher forwards: one prefill (scale
+    0, or scales 0..N of the prefix together), then one per further scale.
+    """
+    if tokenizer is None:
+        raise ValueError("the VAR teacher map needs tokenizer=<the msvq tokenizer> (scale k+1's input is its f_hat)")
+    msvq = getattr(tokenizer, "quantizer", tokenizer)
+    B, L, K = cond.shape[0], teacher.num_tokens, len(teacher.scales)
+    starts = [b for b, _ in teacher.bounds]
+    stop = L if stop is None else stop
+    t = 0 if prefix is None else prefix.shape[1]
+    if t not in starts or (stop not in [e for _, e in teacher.bounds]) or not t < stop:
+        raise ValueError(f"var_teacher_map decodes tokens {t}..{stop - 1} of {L}: prefix and stop must be scale "
+                         f"boundaries {starts + [L]} with prefix < stop")
+    k0, k1 = starts.index(t), starts.index(stop) if stop < L else K
+    guided = sampling.cfg_scale != 0  # VAR: a ramp, 0 = off (VAR.generate)
+    labels = teacher.class_emb.with_null(cond) if guided else cond  # (B',)
+    rep = labels.shape[0] // B
+    tokens = torch.zeros(B, stop, dtype=torch.long, device=cond.device)
+    teacher.setup_cache(labels.shape[0], L, device=cond.device)
+    try:
+        if t:
+            tokens[:, :t] = prefix
+            logits, f_hat = teacher.prefill_scales(labels, [prefix[:, b:e].view(B, n, n) for (b, e), n in
+                                                            zip(teacher.bounds[:k0], teacher.scales)], msvq)
+        else:
+            logits, f_hat = teacher.prefill(labels), None  # (B', 1, V)
+        for k in range(k0, k1):
+            begin, end = teacher.bounds[k]
+            if k > k0:
+                logits = teacher.step(next_in, k)  # (B', s_k^2, V)
+            if guided:
+                g = sampling.cfg_scale * k / max(K - 1, 1)
+                logits = (1 + g) * logits[:B] - g * logits[B:]  # the same two roundings as VAR.generate's in-place ops
+            p = logits_to_probs(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)  # (B, s^2, V)
+            idx = flow_map(eps[:, begin:end], p, codes, steps=flow_steps, solver=solver, sigmas=sigmas).tokens
+            tokens[:, begin:end] = idx
+            if k + 1 < k1:
+                s = teacher.scales[k]
+                f_hat, nxt = msvq.next_input(f_hat, k, idx.view(B, s, s))  # nxt (B, Cv, s', s')
+                next_in = nxt.flatten(2).transpose(1, 2).to(teacher.word_embed.weight.dtype).repeat(rep, 1, 1)
+    finally:
+        teacher.free_cache()
+    return tokens
+
+
+TEACHER_MAPS = {"gpt": teacher_map, "var": var_teacher_map}  # teacher kind -> its noise -> tokens map
+
+
+def teacher_map_of(teacher):
+    """The noise -> tokens map of a teacher generator, by its kind (a ValueError for kinds DD does not distil)."""
+    kind = getattr(teacher, "kind", None)
+    if kind not in TEACHER_MAPS:
+        raise ValueError(f"distilled decoding distils a {' or '.join(TEACHER_MAPS)} teacher, not a {kind!r} generator")
+    return TEACHER_MAPS[kind]
+
+
 @dataclass
 class DistilledSettings:
     """decoding=distilled's settings."""
 
     steps: int = 1  # 1: X_0 -> tokens; 2: then keep the first `split` tokens and refine the rest from the same noise
-    split: int | None = None  # the second step's t; default the student's largest training split
-    teacher_from: int | None = None  # the teacher decodes positions teacher_from..split-1 between the two steps
+    split: int | None = None  # the second step's t (GPT: tokens, VAR: scales); default the largest training split
+    teacher_from: int | None = None  # the teacher decodes positions (VAR: scales) teacher_from..split-1 in between
     flow_steps: int = 32  # the teacher's flow-map solver steps (teacher_from only)
     teacher: torch.nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # loaded by prepare
 
@@ -126,9 +199,13 @@ def resolve_split(student, settings: DistilledSettings) -> int:
     return split
 
 
-@register("distilled", applies_to=("dd_gpt",), settings=DistilledSettings, prepare=_prepare)
+@register("distilled", applies_to=("dd_gpt", "dd_var"), settings=DistilledSettings, prepare=_prepare)
 def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settings: DistilledSettings):
-    """Student (``model``) in 1 or 2 steps, optionally the teacher in between -> (tokens (B, L), stats)."""
+    """Student (``model``) in 1 or 2 steps, optionally the teacher in between -> (tokens (B, L), stats).
+
+    split and teacher_from are in the student's split units (token positions for a GPT student, scale indices
+    for a VAR student); ``model.position`` turns them into token counts.
+    """
     eps = model.noise(cond.shape[0], generator, cond.device)  # (B, L, d)
     tokens = model.predict(eps, None, 0, cond)  # step 1: X_0 -> (B, L)
     stats = {"student_forward_passes": 1, "teacher_forward_passes": 0}
@@ -138,10 +215,11 @@ def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settin
             if settings.teacher is None:
                 raise ValueError("decoding.teacher_from: the teacher is not loaded; call get_decoder('distilled')"
                                  ".prepare(settings, run_config, device) first (sample.py does)")
-            s = settings.teacher_from
+            s, t = model.position(settings.teacher_from), model.position(split)
             with settings.teacher.forward_counter() as counter:
-                tokens[:, :split] = teacher_map(settings.teacher, cond, eps, sampling, model.codes, model.sigmas,
-                                                tokens[:, :s] if s else None, split, settings.flow_steps)
+                tokens[:, :t] = teacher_map_of(settings.teacher)(
+                    settings.teacher, cond, eps, sampling, model.codes, model.sigmas, tokens[:, :s] if s else None,
+                    t, settings.flow_steps, tokenizer=tokenizer)
             stats["teacher_forward_passes"] = counter.count
         tokens = model.predict(eps, tokens, split, cond)  # step 2: X_split, the same noise after the split
         stats["student_forward_passes"] = 2

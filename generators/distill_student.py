@@ -1,15 +1,18 @@
 """Distilled decoding's training side (DD1): the teacher's (noise, tokens) pairs, the student, its LightningModule.
 
-``train.py task=distill teacher_ckpt=<gpt run>`` (configs/distill/default.yaml) runs ``prepare_distill``:
+``train.py task=distill teacher_ckpt=<gpt or var run>`` (configs/distill/default.yaml) runs ``prepare_distill``:
 
 1. Pairs. ``build_pairs`` draws eps (N, L, d) ~ N(0, I) and labels (balanced over classes) and maps them through
-   the teacher alone (``decoding.distilled.teacher_map``: the flow map chained over the KV cache; no training
+   the teacher alone (``decoding.distilled.teacher_map_of(teacher)``: the flow map chained over the KV cache,
+   token by token for a GPT, scale by scale for a VAR (``var_teacher_map``); no training
    images). Chunks of ``chunk_size`` pairs are written atomically as safetensors under
    ``<data_dir>/dd_pairs/<key>/``; chunk k is drawn from its own seed, so a killed build resumes at the first
    missing chunk and a larger num_pairs extends the same pairs. ``key`` hashes the teacher run's files
    (model.safetensors + config.yaml), the sampling settings, the flow solver and the seed: a changed teacher
    or setting is another folder (rebuilt, never reused).
-2. The student (``DistilledGPT``, kind ``dd_gpt``): the teacher's GPT (weights copied from the teacher) driven
+2. The student (the per-kind adapter ``student_of_kind``: ``DistilledGPT`` below, or ``DistilledVAR`` of
+   generators/distill_var.py for a VAR teacher, whose splits are scale indices; both share ``DistilledStudent``'s
+   noise, inputs, step and loss). ``DistilledGPT`` (kind ``dd_gpt``): the teacher's GPT (weights copied from the teacher) driven
    by input embeddings. Alignment with GPT's [class, ...] layout (L tokens, width D, code dim d):
 
        x           (B, L, d)    x_j = eps_j (noise) or c_{token_j} (data) for j < t
@@ -46,7 +49,7 @@ from torch.utils.data import Dataset
 
 from data.token_cache import TokenDataModule
 from utils.runs import run_hash
-from decoding.distilled import code_vectors, teacher_map
+from decoding.distilled import TEACHER_MAPS, code_vectors, teacher_map_of
 from decoding.flow_map import flow_sigma_range
 from decoding.sampling import SamplingConfig
 from generators.gpt import GPT
@@ -63,7 +66,71 @@ log = logging.getLogger("tokar")
 #                                   The student                                 #
 #################################################################################
 
-class DistilledGPT(nn.Module):
+class DistilledStudent(nn.Module):
+    """What every DD1 student shares: noise, the inputs X_t, one step, the loss over its splits (kind-free)."""
+
+    def _setup_inputs(self, codes: torch.Tensor, width: int, splits, sigmas) -> None:
+        """The code vectors (a buffer), the flow map's sigmas, in_proj = Linear(d -> width) and the noise/data embedding."""
+        self.splits = tuple(sorted(int(s) for s in splits))
+        self.register_buffer("codes", codes.float().clone())  # (V, d): part of the run, so sampling needs no lookup
+        self.sigmas = tuple(sigmas) if sigmas else flow_sigma_range(codes)  # the teacher map's time grid (teacher_from)
+        self.in_proj = nn.Linear(codes.shape[1], width)
+        self.type_embed = nn.Embedding(2, width)  # 0 = noise, 1 = data (a code vector)
+        nn.init.normal_(self.type_embed.weight, std=0.02)
+
+    @property
+    def noise_dim(self) -> int:
+        return self.codes.shape[1]
+
+    def noise_scale(self) -> float | torch.Tensor:
+        """The factor on eps in the student's input (1: the noise as drawn)."""
+        return 1.0
+
+    def noise(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """eps (B, L, d) ~ N(0, I)."""
+        return torch.randn(batch, self.num_tokens, self.noise_dim, generator=generator, device=device)
+
+    def inputs(self, eps: torch.Tensor, tokens: torch.Tensor | None, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """X_split: (x (B, L, d) = codes of tokens[:, :t] then eps[:, t:], is_data (L,) bool), t = position(split)."""
+        t = self.position(split)
+        is_data = torch.arange(eps.shape[1], device=eps.device) < t  # (L,)
+        x = eps.float() * self.noise_scale()
+        if t:
+            x = torch.cat([self.codes[tokens[:, :t]], x[:, t:]], 1)  # (B, L, d)
+        return x, is_data
+
+    @torch.no_grad()
+    def predict(self, eps: torch.Tensor, tokens: torch.Tensor | None, split: int, cond: torch.Tensor) -> torch.Tensor:
+        """One student step from X_split -> tokens (B, L): tokens[:, :t] kept, the rest the argmax."""
+        logits = self(*self.inputs(eps, tokens, split), cond)
+        out = logits.argmax(-1)
+        t = self.position(split)
+        if t:
+            out[:, :t] = tokens[:, :t]
+        return out
+
+    def loss(self, pairs, labels: torch.Tensor, tokenizer=None, objective=None):
+        """pairs = (eps (B, L, d), tokens (B, L)) -> (cross-entropy over every split's decided positions, accuracy)."""
+        eps, tokens = pairs
+        tokens = tokens.long()
+        total, correct, count = 0.0, 0, 0
+        for split in self.splits:
+            t = self.position(split)
+            logits = self(*self.inputs(eps, tokens, split), labels)[:, t:]  # (B, L-t, V)
+            target = tokens[:, t:]
+            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+            correct += int((logits.argmax(-1) == target).sum())
+            count += target.numel()
+        return total / len(self.splits), torch.tensor(correct / count)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, sampling: SamplingConfig | None = None, generator=None, tokenizer=None,
+               **_) -> torch.Tensor:
+        """One-step sampling: tokens (B, L)."""
+        return self.predict(self.noise(cond.shape[0], generator, cond.device), None, 0, cond)
+
+
+class DistilledGPT(DistilledStudent):
     """A GPT that maps (noise or code vectors, class) to all L tokens in one forward (DD1's student)."""
 
     kind = "dd_gpt"
@@ -74,23 +141,24 @@ class DistilledGPT(nn.Module):
     def __init__(self, gpt: GPT, codes: torch.Tensor, splits, sigmas: tuple[float, float] | None = None):
         super().__init__()
         self.gpt = gpt
-        self.splits = tuple(sorted(int(s) for s in splits))
+        self._setup_inputs(codes, gpt.dim, splits, sigmas)
         if not self.splits or min(self.splits) < 0 or max(self.splits) >= gpt.block_size or self.splits[0] != 0:
             raise ValueError(f"distill.splits={list(splits)}: need 0 first and every split in 0..{gpt.block_size - 1}")
-        self.register_buffer("codes", codes.float().clone())  # (V, d): part of the run, so sampling needs no lookup
-        self.sigmas = tuple(sigmas) if sigmas else flow_sigma_range(codes)  # the teacher map's time grid (teacher_from)
-        self.in_proj = nn.Linear(codes.shape[1], gpt.dim)
-        self.type_embed = nn.Embedding(2, gpt.dim)  # 0 = noise, 1 = data (a code vector)
-        nn.init.normal_(self.type_embed.weight, std=0.02)
 
     @property
     def num_tokens(self) -> int:
         """Tokens per generated sequence."""
         return self.gpt.block_size
 
-    @property
-    def noise_dim(self) -> int:
-        return self.codes.shape[1]
+    @staticmethod
+    def resolve_splits(splits, teacher) -> list[int]:
+        """distill.splits -> token positions: an int as given, a float that fraction of L (0.5 -> L/2)."""
+        L = teacher.num_tokens
+        return sorted({round(s * L) if isinstance(s, float) else int(s) for s in splits})
+
+    def position(self, split: int) -> int:
+        """Tokens decided before a split (a GPT student counts splits in tokens)."""
+        return int(split)
 
     def forward_counter(self):
         """Counts student forward passes (calls of the block stack)."""
@@ -105,59 +173,30 @@ class DistilledGPT(nn.Module):
         self.in_proj.weight.copy_(sol[:-1].T.float())
         self.in_proj.bias.copy_(sol[-1].float())
 
-    def noise(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """eps (B, L, d) ~ N(0, I)."""
-        return torch.randn(batch, self.num_tokens, self.noise_dim, generator=generator, device=device)
-
-    def inputs(self, eps: torch.Tensor, tokens: torch.Tensor | None, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """X_t: (x (B, L, d) = codes of tokens[:, :t] then eps[:, t:], is_data (L,) bool)."""
-        is_data = torch.arange(eps.shape[1], device=eps.device) < t  # (L,)
-        x = eps.float()
-        if t:
-            x = torch.cat([self.codes[tokens[:, :t]], x[:, t:]], 1)  # (B, L, d)
-        return x, is_data
-
     def forward(self, x: torch.Tensor, is_data: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, L, d), is_data (L,) or (B, L) bool, cond (B,) -> logits (B, L, V); logits[:, j] predicts token j."""
         embeds = self.in_proj(x) + self.type_embed(is_data.long())  # (B, L, D)
         return self.gpt(None, cond, embeds=embeds, drop_labels=False)[:, 1:]  # (B, L+1, V) -> (B, L, V)
 
-    @torch.no_grad()
-    def predict(self, eps: torch.Tensor, tokens: torch.Tensor | None, t: int, cond: torch.Tensor) -> torch.Tensor:
-        """One student step from X_t -> tokens (B, L): tokens[:, :t] kept, the rest the argmax."""
-        logits = self(*self.inputs(eps, tokens, t), cond)
-        out = logits.argmax(-1)
-        if t:
-            out[:, :t] = tokens[:, :t]
-        return out
 
-    def loss(self, pairs, labels: torch.Tensor, tokenizer=None, objective=None):
-        """pairs = (eps (B, L, d), tokens (B, L)) -> (cross-entropy over every split's decided positions, accuracy)."""
-        eps, tokens = pairs
-        tokens = tokens.long()
-        total, correct, count = 0.0, 0, 0
-        for t in self.splits:
-            logits = self(*self.inputs(eps, tokens, t), labels)[:, t:]  # (B, L-t, V)
-            target = tokens[:, t:]
-            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-            correct += int((logits.argmax(-1) == target).sum())
-            count += target.numel()
-        return total / len(self.splits), torch.tensor(correct / count)
+def student_of_kind(kind: str):
+    """(student class, its builder's import path) for a teacher kind: the per-kind adapter of task=distill."""
+    if kind == "var":
+        from generators.distill_var import DistilledVAR
 
-    @torch.no_grad()
-    def sample(self, cond: torch.Tensor, sampling: SamplingConfig | None = None, generator=None, tokenizer=None,
-               **_) -> torch.Tensor:
-        """One-step sampling: tokens (B, L)."""
-        return self.predict(self.noise(cond.shape[0], generator, cond.device), None, 0, cond)
+        return DistilledVAR, "generators.distill_var.build_var_student"
+    if kind == "gpt":
+        return DistilledGPT, "generators.distill_student.build_student"
+    raise ValueError(f"task=distill distils a GPT or VAR teacher, not a {kind!r} generator")
 
 
-def build_student(teacher_target: str, teacher_model: dict, noise_dim: int, splits, sigmas,
-                  **model_args) -> DistilledGPT:
+def build_student(teacher_target: str, teacher_model: dict, noise_dim: int, splits, sigmas, student=None,
+                  **model_args) -> DistilledStudent:
     """The student from a distill run's config (the teacher's generator.model node, its _target_ apart so Hydra does
     not build it first, + model_args); its code vectors are a buffer, filled from the weights file (or by
-    ``prepare_distill``)."""
-    gpt = instantiate({"_target_": teacher_target, **teacher_model}, _convert_="all", **model_args)
-    return DistilledGPT(gpt, torch.zeros(gpt.vocab_size, noise_dim), splits, tuple(sigmas))
+    ``prepare_distill``). student: the student class (default DistilledGPT)."""
+    net = instantiate({"_target_": teacher_target, **teacher_model}, _convert_="all", **model_args)
+    return (student or DistilledGPT)(net, torch.zeros(net.vocab_size, noise_dim), splits, tuple(sigmas))
 
 
 #################################################################################
@@ -173,7 +212,7 @@ def teacher_hash(path) -> str:
         return run_hash(p.parent)
     ckpt = p / "checkpoints" / "last.ckpt" if p.is_dir() else p
     if ckpt.suffix != ".ckpt" or not ckpt.exists():
-        raise CheckpointError(f"teacher_ckpt={path}: pass a GPT run folder (model.safetensors + config.yaml) or a .ckpt")
+        raise CheckpointError(f"teacher_ckpt={path}: pass a GPT or VAR run folder (model.safetensors + config.yaml) or a .ckpt")
     h = hashlib.sha256()
     with open(ckpt, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -182,7 +221,7 @@ def teacher_hash(path) -> str:
 
 
 def load_teacher(path, device, expected_hash: str | None = None):
-    """(teacher GPT in eval mode, tokenizer, config, hash) from a GPT run folder or .ckpt; hash-checked if given."""
+    """(teacher GPT or VAR in eval mode, tokenizer, config, hash) from a generator run folder or .ckpt; hash-checked if given."""
     from utils.runs import load_generator
 
     digest = teacher_hash(path)
@@ -190,8 +229,9 @@ def load_teacher(path, device, expected_hash: str | None = None):
         raise CheckpointError(f"the teacher run {path} changed since the student was distilled from it (hash "
                               f"{expected_hash[:12]}, now {digest[:12]}); restore it or distil again")
     teacher, tokenizer, config = load_generator(path, device)
-    if getattr(teacher, "kind", None) != "gpt":
-        raise ValueError(f"teacher_ckpt={path} is a {getattr(teacher, 'kind', '?')} run; task=distill distils a GPT")
+    if getattr(teacher, "kind", None) not in TEACHER_MAPS:
+        raise ValueError(f"teacher_ckpt={path} is a {getattr(teacher, 'kind', '?')} run; task=distill distils a "
+                         f"{' or '.join(TEACHER_MAPS)}")
     return teacher.requires_grad_(False), tokenizer, config, digest
 
 
@@ -205,26 +245,30 @@ def pairs_key(teacher_hash: str, sampling: SamplingConfig, flow: dict, num_class
 
 @torch.no_grad()
 def generate_chunk(teacher, codes, sigmas, sampling: SamplingConfig, flow: dict, labels: torch.Tensor, seed: int,
-                   batch_size: int) -> dict:
-    """One chunk of pairs: labels (n,) -> {eps (n, L, d) float32, tokens (n, L) int32, labels (n,) int64}."""
+                   batch_size: int, tokenizer=None) -> dict:
+    """One chunk of pairs: labels (n,) -> {eps (n, L, d) float32, tokens (n, L) int32, labels (n,) int64}.
+
+    The teacher's map by its kind (``teacher_map_of``: GPT token by token, VAR scale by scale; a VAR needs its
+    msvq ``tokenizer``)."""
     device = codes.device
     g = torch.Generator(device="cpu").manual_seed(seed)
-    eps = torch.randn(labels.shape[0], teacher.block_size, codes.shape[1], generator=g)  # drawn on CPU: any device
-    tokens = []
+    eps = torch.randn(labels.shape[0], teacher.num_tokens, codes.shape[1], generator=g)  # drawn on CPU: any device
+    tmap, tokens = teacher_map_of(teacher), []
     for i in range(0, labels.shape[0], batch_size):
-        tokens.append(teacher_map(teacher, labels[i:i + batch_size].to(device), eps[i:i + batch_size].to(device),
-                                  sampling, codes, sigmas, flow_steps=flow["steps"], solver=flow["solver"]).cpu())
+        tokens.append(tmap(teacher, labels[i:i + batch_size].to(device), eps[i:i + batch_size].to(device),
+                           sampling, codes, sigmas, flow_steps=flow["steps"], solver=flow["solver"],
+                           tokenizer=tokenizer).cpu())
     return {"eps": eps.contiguous(), "tokens": torch.cat(tokens).int(), "labels": labels.long()}
 
 
 def build_pairs(teacher, teacher_hash: str, codes: torch.Tensor, sampling: SamplingConfig, flow: dict,
                 num_classes: int, num_pairs: int, root, seed: int = 0, chunk_size: int = 1024,
-                batch_size: int = 256, sigmas=None) -> Path:
+                batch_size: int = 256, sigmas=None, tokenizer=None) -> Path:
     """The pairs folder for these settings with at least num_pairs pairs; builds only the missing chunks."""
     folder = Path(root) / pairs_key(teacher_hash, sampling, flow, num_classes, seed, chunk_size)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"teacher_hash": teacher_hash, "sampling": vars(sampling), "flow": flow, "num_classes": num_classes,
-            "seed": seed, "chunk_size": chunk_size, "block_size": teacher.block_size, "noise_dim": codes.shape[1]}
+            "seed": seed, "chunk_size": chunk_size, "block_size": teacher.num_tokens, "noise_dim": codes.shape[1]}
     atomic_replace(lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)), folder / "meta.json")
     sigmas = sigmas or flow_sigma_range(codes)
     codes = codes.to(next(teacher.parameters()).device)
@@ -234,7 +278,8 @@ def build_pairs(teacher, teacher_hash: str, codes: torch.Tensor, sampling: Sampl
             continue
         start = time.perf_counter()
         labels = torch.arange(k * chunk_size, (k + 1) * chunk_size) % num_classes
-        chunk = generate_chunk(teacher, codes, sigmas, sampling, flow, labels, seed * 1_000_003 + k, batch_size)
+        chunk = generate_chunk(teacher, codes, sigmas, sampling, flow, labels, seed * 1_000_003 + k, batch_size,
+                               tokenizer)
         info = {"seconds": f"{time.perf_counter() - start:.3f}"}
         atomic_replace(lambda tmp, c=chunk, m=info: save_file(c, tmp, metadata=m), path)
         log.info("pairs: chunk %d (%d pairs) -> %s", k, chunk_size, path)
@@ -316,10 +361,12 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
     from omegaconf import OmegaConf
 
     if not cfg.get("teacher_ckpt"):
-        raise ValueError("task=distill needs the GPT it distils: teacher_ckpt=<generator run folder> "
-                         "(outputs/generator/<time>, from python train.py task=generator generator=gpt ...)")
+        raise ValueError("task=distill needs the GPT or VAR it distils: teacher_ckpt=<generator run folder> "
+                         "(outputs/generator/<time>, from python train.py task=generator generator=gpt|var ...)")
     d = OmegaConf.to_container(cfg.distill, resolve=True)
     teacher, tokenizer, tconfig, thash = load_teacher(cfg.teacher_ckpt, device)
+    student_cls, builder = student_of_kind(teacher.kind)
+    splits = student_cls.resolve_splits(d["splits"], teacher)  # GPT: tokens (0.5 -> L/2), VAR: scale indices
     sampling = sampling_config(tconfig["generator"]["sampling"], d["sampling"])
     codes = code_vectors(tokenizer).to(device)  # (V, d)
     sigmas = flow_sigma_range(codes)
@@ -329,12 +376,10 @@ def prepare_distill(cfg, out: Path, device, total_steps_of):
         raise ValueError(f"distill.val_pairs={val_pairs} must lie in 1..distill.num_pairs-1 ({num_pairs - 1})")
     folder = build_pairs(teacher, thash, codes, sampling, flow, tconfig["data"]["num_classes"], num_pairs,
                          Path(cfg.paths.data_dir) / "dd_pairs", int(d["seed"]), int(d["chunk_size"]),
-                         int(d["pairs_batch_size"]), sigmas)
+                         int(d["pairs_batch_size"]), sigmas, tokenizer)
     datamodule = PairDataModule(folder, num_pairs, val_pairs, batch_size=int(d["batch_size"]),
                                 eval_batch_size=int(d["batch_size"]), num_workers=0, seed=int(d["seed"]))
-    n_tokens = teacher.block_size
-    splits = sorted({round(s * n_tokens) if isinstance(s, float) else int(s) for s in d["splits"]})  # 0.5 -> L/2
-    gen = {"name": "dd_gpt", "model": {"_target_": "generators.distill_student.build_student",
+    gen = {"name": student_cls.kind, "model": {"_target_": builder,
                                        "teacher_target": tconfig["generator"]["model"]["_target_"],
                                        "teacher_model": {k: v for k, v in tconfig["generator"]["model"].items()
                                                          if k != "_target_"}, "noise_dim": codes.shape[1],

@@ -45,11 +45,12 @@ log = logging.getLogger("tokar")
 def generator_class(name: str):
     """The network class of a generator name (generator=<name>): GPT, VAR or FlowAR."""
     from generators.distill_student import DistilledGPT
+    from generators.distill_var import DistilledVAR
     from generators.flowar import FlowAR
     from generators.gpt import GPT
     from generators.var import VAR
 
-    classes = {cls.kind: cls for cls in (GPT, VAR, FlowAR, DistilledGPT)}
+    classes = {cls.kind: cls for cls in (GPT, VAR, FlowAR, DistilledGPT, DistilledVAR)}
     if name not in classes:
         raise ValueError(f"unknown generator {name!r}; one of {', '.join(classes)}")
     return classes[name]
