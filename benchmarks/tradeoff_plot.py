@@ -61,13 +61,17 @@ def plot(rows: list[dict], ar_fids: dict, out: Path, x_key: str = "sc1", title: 
     from PIL import Image, ImageDraw, ImageFont
 
     pts = [(r[x_key], r["fid"], r["method"]) for r in rows if r.get(x_key) is not None and r.get("fid") is not None]
+    no_fid = [(r[x_key], r["method"]) for r in rows if r.get(x_key) is not None and r.get("fid") is None]
     if not pts:
         raise ValueError(f"no row has both {x_key} and fid: run benchmarks/decoding.py with FID (or pass the FID JSONs)")
-    W, H, ml, mr, mt, mb = 1400, 900, 90, 330, 50, 70
+    W, H, ml, mr, mt, mb = 1400, 900 + 14 * len(no_fid), 90, 330, 50, 96 + 14 * len(no_fid)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts] + [float(v) for v in ar_fids.values()]
+    try:  # DejaVu has δ and λ; PIL's built-in font (Pillow >= 10.1: scalable) otherwise
+        font = ImageFont.truetype("DejaVuSans.ttf", 13)
+    except OSError:
+        font = ImageFont.load_default(size=13)
+    xs, ys = [p[0] for p in pts] + [p[0] for p in no_fid], [p[1] for p in pts] + [float(v) for v in ar_fids.values()]
     x0, x1 = 0.9, max(xs) * 1.08 + 0.1
     spread = max(map(float, ar_fids.values())) - min(map(float, ar_fids.values())) if len(ar_fids) > 1 else 0.0
     ar_fid = float(ar_fids.get("0", next(iter(ar_fids.values()), 0.0))) if ar_fids else None
@@ -95,10 +99,10 @@ def plot(rows: list[dict], ar_fids: dict, out: Path, x_key: str = "sc1", title: 
         d.text((X(xv) - 12, H - mb + 8), f"{xv:.2f}", fill="black", font=font)
         d.line([ml - 5, Y(yv), ml, Y(yv)], fill="black")
         d.text((ml - 55, Y(yv) - 6), f"{yv:.1f}", fill="black", font=font)
-    d.text(((W - mr + ml) / 2 - 140, H - 30), f"step compression (tokens / target forwards, {x_key})", fill="black",
+    d.text(((W - mr + ml) / 2 - 140, H - mb + 26), f"step compression (tokens / target forwards, {x_key})", fill="black",
            font=font)
-    d.text((10, mt - 30), "FID-1k (seed 0)", fill="black", font=font)
-    d.text((ml, 12), title or "FID-1k against step compression, one point per setting", fill="black", font=font)
+    d.text((10, mt - 18), "FID-1k (seed 0)", fill="black", font=font)
+    d.text((ml + 120, 6), title or "FID-1k against step compression, one point per setting", fill="black", font=font)
     used = []
     for xv, yv, m in sorted(pts):
         name, colour = family(m)
@@ -109,6 +113,14 @@ def plot(rows: list[dict], ar_fids: dict, out: Path, x_key: str = "sc1", title: 
             ty += 11
         used.append((cx, ty))
         d.text((cx + 8, ty), short(m), fill=colour, font=font)
+    base = H - mb + 68  # rows without a FID: hollow markers under the axes, at their x
+    if no_fid:
+        d.text((10, base - 16), "no FID-1k run (step compression only):", fill="black", font=font)
+    for i, (xv, m) in enumerate(sorted(no_fid)):
+        _, colour = family(m)
+        cy = base + 14 * i
+        d.ellipse([X(xv) - 4, cy - 4, X(xv) + 4, cy + 4], outline=colour)
+        d.text((X(xv) + 8, cy - 6), f"{short(m)} ({xv:.2f})", fill=colour, font=font)
     ly = mt
     for _, name, colour in FAMILIES:  # legend
         d.ellipse([W - mr + 20, ly + 2, W - mr + 30, ly + 12], fill=colour, outline="black")
@@ -116,11 +128,11 @@ def plot(rows: list[dict], ar_fids: dict, out: Path, x_key: str = "sc1", title: 
         ly += 18
     if len(ar_fids) > 1:
         d.rectangle([W - mr + 20, ly + 2, W - mr + 30, ly + 12], fill=(225, 225, 225), outline="black")
-        d.text((W - mr + 38, ly), f"ar FID, seeds {sorted(ar_fids)}", fill="black", font=font)
+        d.text((W - mr + 38, ly), f"ar FID, seeds {', '.join(sorted(ar_fids))}", fill="black", font=font)
         d.text((W - mr + 38, ly + 18), f"- - ar seed 0 ± 2x spread ({spread:.2f})", fill="black", font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
-    return len(pts)
+    return len(pts) + len(no_fid)
 
 
 def main() -> None:
