@@ -134,6 +134,15 @@ def ar_entropy(model, sampling, labels, seed: int) -> float:
     return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
 
 
+def write_json(args, rows: list[dict], fid_of: dict, entropy: float | None, tokens: int) -> None:
+    """The rows so far as JSON (``--json``; benchmarks/tradeoff_plot.py reads it)."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "ar_fids": {str(k[1]): v for k, v in fid_of.items()},
+                                         "entropy": entropy, "argv": sys.argv, "tokens": tokens,
+                                         "batches": args.batches}, indent=2))
+
+
 def table(rows: list[dict], b1: int, b16: int) -> str:
     """The markdown table of benchmark rows (missing cells: –)."""
     def cell(r, key, fmt="{:.2f}"):
@@ -220,12 +229,9 @@ def main() -> None:
                                         device, "test", args.reference_images, decoder=decoder, settings=settings)["fid"])
         rows.append(row)
         print(row, flush=True)
+        write_json(args, rows, fid_of, None, model.num_tokens)  # after every row: a killed run keeps its rows
     entropy = ar_entropy(model, sampling, labels[:64], args.seed)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "ar_fids": {str(k[1]): v for k, v in fid_of.items()},
-                                         "entropy": entropy, "argv": sys.argv, "tokens": model.num_tokens,
-                                         "batches": args.batches}, indent=2))
+    write_json(args, rows, fid_of, entropy, model.num_tokens)
     if args.no_speed:
         print({"ar_fids": fid_of, "rows": rows, "entropy": entropy})
         return
