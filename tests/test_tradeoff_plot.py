@@ -46,5 +46,6 @@ def test_tv_bounds_only_for_the_delta_rule():
     assert tv_bounds(LanternSettings(delta=0.1, k=10), 64) == (0.1, 6.4)
     assert tv_bounds(LanternSettings(delta=0.0), 64) is None and tv_bounds(LanternSettings(delta=0.1, k=0), 64) is None
     assert tv_bounds(LanternSettings(delta=None, lam=5), 64) is None
+    assert tv_bounds(LanternSettings(delta=0.1, target="pointwise"), 64) is None
     assert tv_bounds(SjdSettings(relax="lantern", delta=0.2), 64)[1] == pytest.approx(12.8)
     assert tv_bounds(SjdSettings(), 64) is None and tv_bounds(None, 64) is None
