@@ -45,7 +45,7 @@ def merge(paths: list[Path]) -> tuple[list[dict], dict]:
         for r in data["rows"]:
             rows.setdefault(r["method"], {}).update({k: v for k, v in r.items() if v is not None})
     if "0" in ar_fids and "ar" in rows:
-        rows["ar"].setdefault("fid", ar_fids["0"])
+        rows["ar"]["fid"] = ar_fids["0"]  # the ar row is seed 0, like every other row
     return list(rows.values()), ar_fids
 
 
