@@ -2,6 +2,13 @@
 
     python benchmarks/decoding.py --ckpt outputs/bench_gpt/generator [--append]
     python benchmarks/decoding.py --ckpt <run> --methods ar "sjd:window=32,draft_coupling=gumbel" --no-fid
+    python benchmarks/decoding.py --ckpt <run> --drafter <drafter run> --methods ar "lantern:delta=0" \
+        "lantern:delta=0,tree=static" "lantern:delta=0.1,k=100" "lantern:delta=null,lam=5" \
+        "sjd:relax=lantern,delta=0.1" --json rows.json
+    python benchmarks/tradeoff_plot.py rows.json [fid_*.json] --out benchmarks/lantern_tradeoff.png
+
+``lantern`` rows take the draft head from ``--drafter`` (or their own ``drafter_ckpt=``); every method is
+prepared as sample.py prepares it (the drafter, the codebook neighbour table).
 
 A method is ``name`` or ``name:key=value,...`` (the settings of configs/decoding/<name>.yaml); the default
 list is ar, sjd for every init scheme, sjd with each draft coupling and sjd at windows 8 and 32. Per row:
@@ -12,7 +19,10 @@ list is ar, sjd for every init scheme, sjd with each draft coupling and sjd at w
 - latency ratio vs ar (ar time / method time, > 1 = faster) at batch 1 and 16: both warmed up, then
   ``--rounds`` alternating A/B rounds in this process (same labels, same seed), median [min-max];
 - FID-1k against the same reference statistics as sample.py, beside ar's FID-1k at ``--fid-seeds`` seeds
-  (the seed-to-seed spread: the noise a difference must exceed).
+  (the seed-to-seed spread: the noise a difference must exceed);
+- the measured TV budget of relaxed rows (LANTERN δ / λ, sjd relax=lantern), batch 1: TV(p, relaxed target) per
+  verified position (the δ rule bounds it by δ) and its sum along an image (mean over images), which bounds the
+  TV between the sampled and the target joint (the composed bound, at most tokens x δ).
 
 Also printed: the entropy of ar's p per token and the acceptance per draft index, which explain a low
 acceptance. Tokens only: the tokenizer's decoder is not in the latency (it is the same for every method).
@@ -39,8 +49,8 @@ DEFAULT_METHODS = ["ar", "sjd:init=random", "sjd:init=repeat_horizon", "sjd:init
                    "sjd:window=8", "sjd:window=32"]
 
 
-def parse_method(spec: str):
-    """'name:key=value,...' -> (label, registry entry, settings dataclass)."""
+def parse_method(spec: str, drafter: str | None = None):
+    """'name:key=value,...' -> (label, registry entry, settings dataclass); lantern rows get ``drafter``."""
     import yaml
 
     from decoding.registry import get_decoder
@@ -52,6 +62,8 @@ def parse_method(spec: str):
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         values[key] = yaml.safe_load(value)
+    if name == "lantern" and drafter and not values.get("drafter_ckpt"):
+        values["drafter_ckpt"] = drafter
     return spec, decoder, decoder.parse_settings(values)
 
 
@@ -65,10 +77,13 @@ def timed(decoder, model, labels, sampling, seed, settings) -> tuple[float, dict
 
 def step_stats(decoder, settings, model, sampling, labels: torch.Tensor, batch: int, seed: int) -> dict:
     """Step compression (tokens / batch forwards) and mean accepted length over labels at one batch size."""
-    forwards, acc_sum, acc_n, by_index = 0, 0.0, 0, None
+    forwards, acc_sum, acc_n, by_index, tv_pos, tv_seq = 0, 0.0, 0, None, [], []
     for i in range(0, len(labels), batch):
         _, s = timed(decoder, model, labels[i:i + batch], sampling, seed + i, settings)
         forwards += s["forward_passes"]
+        if "tv_composed" in s:
+            tv_pos.append(s["tv_per_position"])
+            tv_seq.append(s["tv_composed"])
         if "mean_accepted_length" in s:
             acc_sum += s["mean_accepted_length"] * s["row_forward_passes"] * len(labels[i:i + batch])
             acc_n += s["row_forward_passes"] * len(labels[i:i + batch])
@@ -79,7 +94,20 @@ def step_stats(decoder, settings, model, sampling, labels: torch.Tensor, batch: 
            "mean_accepted_length": acc_sum / acc_n if acc_n else 1.0}
     if by_index is not None:
         out["acceptance_by_draft_index"] = (by_index / acc_n).tolist()
+    if tv_seq:
+        out["tv_per_position"], out["tv_composed"] = statistics.mean(tv_pos), statistics.mean(tv_seq)
     return out
+
+
+def tv_bounds(settings, tokens: int) -> tuple[float, float] | None:
+    """The δ rule's TV bounds (per position δ, composed tokens x δ); None for exact rows, the λ rule (whose
+    per-position bound (λ - 1) E_q[p(x)] depends on the distributions: only the measured budget is shown) and
+    target=pointwise (its output is no relaxed target of p for soft drafts: no bound, the TV shown is r_x's)."""
+    delta = getattr(settings, "delta", None)
+    relaxed = getattr(settings, "relax", "lantern") == "lantern" and getattr(settings, "k", 0) > 0
+    if getattr(settings, "target", "mixture") == "pointwise":  # LANTERN's per-draft rule: no bound for soft drafts
+        return None
+    return (delta, tokens * delta) if relaxed and delta is not None and delta > 0 else None
 
 
 def latency_ratio(decoder, settings, ar, model, sampling, labels, rounds: int, seed: int) -> tuple[float, float, float]:
@@ -109,11 +137,45 @@ def ar_entropy(model, sampling, labels, seed: int) -> float:
     return float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
 
 
+def write_json(args, rows: list[dict], fid_of: dict, entropy: float | None, tokens: int) -> None:
+    """The rows so far as JSON (``--json``; benchmarks/tradeoff_plot.py reads it)."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "ar_fids": {str(k[1]): v for k, v in fid_of.items()},
+                                         "entropy": entropy, "argv": sys.argv, "tokens": tokens,
+                                         "batches": args.batches}, indent=2))
+
+
+def table(rows: list[dict], b1: int, b16: int) -> str:
+    """The markdown table of benchmark rows (missing cells: –)."""
+    def cell(r, key, fmt="{:.2f}"):
+        return fmt.format(r[key]) if r.get(key) is not None else "–"
+
+    def lat(r, key):
+        return f"{r[key][0]:.2f} [{r[key][1]:.2f}-{r[key][2]:.2f}]" if key in r else ("1" if r["method"] == "ar" else "–")
+
+    def tv(r, key, bound):
+        if r.get(key) is None:
+            return "0" if "tv_per_position" not in r and r["method"] == "ar" else cell(r, key, "{:.3f}")
+        return f"{r[key]:.3f}" + (f" (≤ {r[bound]:.3g})" if r.get(bound) is not None else "")
+
+    lines = [f"| method | step compression (batch {b16}) | step compression (batch {b1}) | mean accepted length | "
+             f"latency ratio vs ar, batch {b1} | latency ratio vs ar, batch {b16} | FID-1k | TV per position "
+             "(bound) | composed TV per image (bound) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {cell(r, f'sc{b16}')} | {cell(r, f'sc{b1}')} | {cell(r, f'acc{b1}')} | "
+                     f"{lat(r, f'lat{b1}')} | {lat(r, f'lat{b16}')} | {cell(r, 'fid')} | "
+                     f"{tv(r, 'tv_per_position', 'tv_bound')} | {tv(r, 'tv_composed', 'tv_composed_bound')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--ckpt", required=True, help="a trained GPT run folder")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--drafter", default=None, help="the draft head run of the lantern rows (task=drafter)")
+    parser.add_argument("--title", default="Decoding: speculative methods vs ar on one GPT")
     parser.add_argument("--images", type=int, default=160, help="images for the step statistics (class-balanced)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds per latency ratio")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -141,7 +203,8 @@ def main() -> None:
     num_classes = config["data"]["num_classes"]
     labels = (torch.arange(args.images) % num_classes).to(device)
     ar = get_decoder("ar")
-    methods = [parse_method(m) for m in args.methods]
+    methods = [(label, decoder, decoder.prepare(settings, config, device) if decoder.prepare_fn else settings)
+               for label, decoder, settings in (parse_method(m, args.drafter) for m in args.methods)]
     fid_of = {}
     if not args.no_fid and "ar" in args.methods:  # ar's seed-to-seed spread (the other rows use the first seed)
         for seed in args.fid_seeds:
@@ -155,6 +218,11 @@ def main() -> None:
             st = step_stats(decoder, settings, model, sampling, labels, b, args.seed)
             row[f"sc{b}"], row[f"acc{b}"] = st["step_compression"], st["mean_accepted_length"]
             row.setdefault("by_index", st.get("acceptance_by_draft_index"))
+            for key in ("tv_per_position", "tv_composed"):
+                if key in st:
+                    row.setdefault(key, st[key])
+            if tv_bounds(settings, model.num_tokens):
+                row["tv_bound"], row["tv_composed_bound"] = tv_bounds(settings, model.num_tokens)
             if decoder.name != "ar":
                 row[f"lat{b}"] = latency_ratio(decoder, settings, ar, model, sampling, labels[:b], args.rounds,
                                                args.seed)
@@ -164,19 +232,19 @@ def main() -> None:
                                         device, "test", args.reference_images, decoder=decoder, settings=settings)["fid"])
         rows.append(row)
         print(row, flush=True)
+        write_json(args, rows, fid_of, None, model.num_tokens)  # after every row: a killed run keeps its rows
     entropy = ar_entropy(model, sampling, labels[:64], args.seed)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ar_fids": {str(k[1]): v for k, v in fid_of.items()},
-                                         "entropy": entropy, "argv": sys.argv}, indent=2))
+    write_json(args, rows, fid_of, entropy, model.num_tokens)
     if args.no_speed:
         print({"ar_fids": fid_of, "rows": rows, "entropy": entropy})
         return
 
     fids = [fid_of[("ar", s)] for s in args.fid_seeds] if fid_of else []
     b1, b16 = args.batches[0], args.batches[-1]
-    lines = [f"## Decoding: speculative methods vs ar on one GPT ({datetime.date.today()})", "",
+    lines = [f"## {args.title} ({datetime.date.today()})", "",
              f"`python benchmarks/decoding.py --ckpt {args.ckpt} " + " ".join(
-                 [f"--methods {' '.join(args.methods)} --images {args.images} --rounds {args.rounds} "
+                 ([f"--drafter {args.drafter}"] if args.drafter else [])
+                 + [f"--methods {' '.join(args.methods)} --images {args.images} --rounds {args.rounds} "
                   f"--threads {args.threads}"]
                  + (["--no-fid"] if args.no_fid else [f"--fid-samples {args.fid_samples}"])
                  + (["--append"] if args.append else [])) + f"` ({time.perf_counter() - start:.0f} s; {machine()}; "
@@ -193,16 +261,7 @@ def main() -> None:
                      f"standard Inception (torchmetrics), EMA weights; ar at seeds {args.fid_seeds}: "
                      + ", ".join(f"{f:.2f}" for f in fids) + f" (spread {max(fids) - min(fids):.2f}); "
                      f"every other row at seed {args.fid_seeds[0]}.")
-    lines += ["", f"| method | step compression (batch {b16}) | step compression (batch {b1}) | mean accepted length | "
-              f"latency ratio vs ar, batch {b1} | latency ratio vs ar, batch {b16} | FID-1k |",
-              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lat = [f"{r[k][0]:.2f} [{r[k][1]:.2f}-{r[k][2]:.2f}]" if k in r else "1" for k in (f"lat{b1}", f"lat{b16}")]
-        lines.append(f"| {r['method']} | {r[f'sc{b16}']:.2f} | {r[f'sc{b1}']:.2f} | {r[f'acc{b1}']:.2f} | {lat[0]} | "
-                     f"{lat[1]} | {r['fid']:.2f} |" if "fid" in r else
-                     f"| {r['method']} | {r[f'sc{b16}']:.2f} | {r[f'sc{b1}']:.2f} | {r[f'acc{b1}']:.2f} | {lat[0]} | "
-                     f"{lat[1]} | – |")
-    lines.append("")
+    lines += ["", table(rows, b1, b16), ""]
     lines.append("Acceptance per draft index (fraction of row-forwards whose first i+1 drafts were accepted, "
                  f"batch {b1}):")
     for r in rows:

@@ -107,15 +107,16 @@ def check_pairing_once(settings: LanternSettings, model) -> None:
 
 
 def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: str = "mixture") -> Callable:
-    """The relaxed acceptance as ``verify(p, q, x, u) -> (accept (B,) bool, residual (B, V))``: p, q (B, V),
-    x, u (B,). nbrs None or k = 0: standard speculative sampling."""
+    """The relaxed acceptance as ``verify(p, q, x, u) -> (accept (B,) bool, residual (B, V), tv (B,))``: p, q (B, V),
+    x, u (B,); tv = TV(p, T), T the relaxed target the step samples exactly (0 when exact). nbrs None or k = 0:
+    standard speculative sampling."""
     if nbrs is None:
         nbrs = torch.zeros(vocab, 0, dtype=torch.long)
     validate_neighbours(nbrs)
 
     def verify(p, q, x, u):
         verdict = lantern_verify(p, q, x, u, nbrs.to(p.device), target=target, **rule)
-        return verdict.accept, verdict.residual
+        return verdict.accept, verdict.residual, 0.5 * (verdict.target - p).abs().sum(-1)
     return verify
 
 
@@ -145,6 +146,7 @@ def speculative_generate(model, drafter, cond: torch.Tensor, sampling: SamplingC
     nodes, parent, node_depth = _tree(depth, tree, branching)
     N = len(nodes)  # draft nodes (chain: D)
     model.setup_cache(labels.shape[0], L + N + 3, device=dev)
+    drafter.setup_cache(labels.shape[0], head_cache_len(L, N, depth), device=dev)
     logits, h = model.prefill(labels, return_hidden=True)  # (B', 1, V), (B', 1, D)
     feats = torch.zeros(labels.shape[0], L + 1, model.dim, dtype=h.dtype, device=dev)  # F[:, i] predicts token i
     feats[:, 0] = h[:, 0]
@@ -153,6 +155,8 @@ def speculative_generate(model, drafter, cond: torch.Tensor, sampling: SamplingC
     nxt = _probs(logits[:, 0], B, sampling, guided)  # (B, V) distribution of token n
     rows = torch.arange(B, device=dev)
     accepted_lengths, forwards = [], 1
+    tv_rows = torch.zeros(B, dtype=torch.float64, device=dev)  # (B,) summed TV of every verification per row
+    verified_rows = torch.zeros(B, dtype=torch.long, device=dev)  # (B,) positions verified per row
     while bool((n < L).any()):
         active = n < L  # (B,)
         # 1. token n from the distribution the last verification left
@@ -161,17 +165,19 @@ def speculative_generate(model, drafter, cond: torch.Tensor, sampling: SamplingC
         if bool((n[active] == L - 1).all()):  # every active row just drew its last token
             break
         # 2. draft the tree (chain: one node per depth) with the draft head
-        x, q = _draft(model, drafter, feats, tokens, n, nodes, parent, node_depth, B, R, sampling, guided,
+        x, q = _draft(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided,
                       generator)  # (B, N), (B, N, V)
         # 3. one target forward over [t0, nodes] (tree mask, per-row positions)
         lg, hh, tok_idx, slots = tree_step(model, n, t0, x, parent, node_depth, R)  # (B', N+1, V), (B', N+1, D)
         forwards += 1
         p = _probs(lg, B, sampling, guided)  # (B, N+1, V): p[:, j] predicts the token after input j
         # 4. verify along the tree: walk from the root, trying siblings in order (chain: one per depth)
-        path, keep, nxt = _walk(verify, p, q, x, parent, node_depth, depth, tok_idx, L, generator)
+        path, keep, nxt, tv, verified = _walk(verify, p, q, x, parent, node_depth, depth, tok_idx, L, generator)
         # path (B, depth) node ids (-1 beyond), keep (B,) accepted drafts, nxt (B, V) distribution of the next token
         keep = torch.where(active, keep, torch.zeros_like(keep))
         accepted_lengths.append(keep[active])
+        tv_rows += torch.where(active, tv, 0.0)
+        verified_rows += torch.where(active, verified, 0)
         inputs_kept = commit_path(model, n, slots, path, keep, R)  # (B, depth+1) indices into the step's inputs
         kept_x = x.gather(1, path.clamp(min=0))  # (B, depth)
         for d in range(depth):  # at most depth small scatters per iteration
@@ -186,9 +192,17 @@ def speculative_generate(model, drafter, cond: torch.Tensor, sampling: SamplingC
             feats[torch.arange(labels.shape[0], device=dev), idx] = torch.where(ok[:, None], hk[:, d], cur)
         n = torch.where(active, (n + 1 + keep).clamp(max=L), n)
     model.free_cache()
+    drafter.free_cache()
     acc = torch.cat(accepted_lengths).float() if accepted_lengths else torch.zeros(0)
+    depth_hits = torch.tensor([[int(a) > i for i in range(depth)] for a in acc.long().tolist()], dtype=torch.float)
     stats = {"accepted_lengths": acc.long().tolist(), "mean_accepted_length": float((acc + 1).mean()),
-             "step_compression": L / forwards, "target_forwards": forwards}
+             "step_compression": L / forwards, "target_forwards": forwards,
+             "row_forward_passes": len(acc) / B,
+             "acceptance_by_draft_index": depth_hits.reshape(-1, depth).mean(0).tolist() if len(acc) else [],
+             # the measured TV budget: the per-position TV(p, relaxed target) averaged over verified positions, and
+             # its sum along a sequence (mean over rows), which bounds TV(output joint, target joint) (hybrid argument)
+             "tv_per_position": float(tv_rows.sum() / verified_rows.sum().clamp(min=1)),
+             "tv_composed": float(tv_rows.mean()), "verified_positions": float(verified_rows.float().mean())}
     return tokens[:, :L], stats
 
 
@@ -251,38 +265,59 @@ def _tree_mask(n: torch.Tensor, slots: torch.Tensor, parent: torch.Tensor, T: in
     return base | tree
 
 
-def _draft(model, drafter, feats, tokens, n, nodes, parent, node_depth, B, R, sampling, guided, generator):
-    """Draft every tree node -> (x (B, N) int64, q (B, N, V)); siblings are drawn without replacement.
+def head_cache_len(L: int, N: int, depth: int) -> int:
+    """Slots of the draft head's cache: inputs 0..L, the catch-up window's padding past them, the tree nodes."""
+    return L + N + depth + 3
 
-    The head runs causally over the row's history; a node at depth d sees its ancestors' predicted features,
-    so nodes are drafted depth by depth on per-path copies of the history (chain: one copy).
+
+def _draft(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator):
+    """Draft every tree node over the head's KV cache -> (x (B, N) int64, q (B, N, V)); siblings are drawn
+    without replacement.
+
+    Head slot i holds input (F[:, i], token i) for i < c (c = ``drafter.cache_lengths``, per row: what the
+    last call left true). 1. Catch up: one head step feeds slots c..c+depth (the target's true features and the
+    kept tokens; entries past n are padding, overwritten later and never visible to a valid query), and its
+    output at slot n (token n = t0) predicts the feature of token n+1; every row then rolls back to c = n+1.
+    2. Per depth d < depth, one head step feeds the nodes of depth d (their parent's predicted feature, their
+    token) at slots n+1+j, position n+d (chain: causal by position; static tree: a tree mask), and its outputs
+    predict their children. Each row runs depth head steps of at most depth+1 inputs, none over the prefix.
     """
-    N, dev, L = len(nodes), feats.device, model.block_size
-    Bp = feats.shape[0]
+    N, dev, L, Bp = parent.shape[0], feats.device, model.block_size, feats.shape[0]
+    depth = int(node_depth.max())
     x = torch.zeros(B, N, dtype=torch.long, device=dev)
     q = torch.zeros(B, N, model.vocab_size, device=dev)
-    # per node, the history copy it extends: (feature buffer, token buffer) per path, keyed by parent
-    hist = {-1: (feats.clone(), tokens.clone())}
-    ar = torch.arange(Bp, device=dev)
-    for d in range(1, int(node_depth.max()) + 1):
-        for par in sorted({int(parent[j]) for j in range(N) if int(node_depth[j]) == d}):
-            f, t = hist[par]
-            pos = (n + d - 1).clamp(max=L)  # (B,) input index of the parent's token
-            pred = drafter(model, f, t[:, :f.shape[1]].repeat(R, 1))  # (B', L+1, D) predicts F[:, i+1]
-            fe = pred[ar, pos.repeat(R)]  # (B', D) predicted feature of token n + d
-            probs = _probs(drafter.logits(model, fe), B, sampling, guided)  # (B, V)
-            kids = [j for j in range(N) if int(parent[j]) == par]
+    ar, nR = torch.arange(Bp, device=dev), n.repeat(R)  # (B',)
+    # 1. catch up from the head's valid length c to slot n
+    c = drafter.cache_lengths.clone()  # (B',)
+    slots = c[:, None] + torch.arange(depth + 1, device=dev)[None]  # (B', depth+1)
+    idx = slots.clamp(max=L)
+    f_in = feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1]))  # (B', depth+1, D)
+    out = drafter.step(model, f_in, tokens.repeat(R, 1).gather(1, idx), idx, slots)  # (B', depth+1, D)
+    feat_of = {-1: out[ar, (nR - c).clamp(0, depth)]}  # (B', D) predicted feature of the root's children
+    drafter.rollback(nR + 1)
+    # 2. the tree, depth by depth
+    mask = None
+    if int(torch.bincount(parent + 1).max()) > 1:  # a static tree (parent lives on the host): tree mask
+        hslots = torch.cat([n[:, None], n[:, None] + 1 + torch.arange(N, device=dev)[None]], 1)  # (B, N+1)
+        mask = _tree_mask(n, hslots, parent, head_cache_len(L, N, depth)).repeat(R, 1, 1)  # (B', N+1, T)
+    for d in range(1, depth + 1):
+        level = [j for j in range(N) if int(node_depth[j]) == d]
+        for par in sorted({int(parent[j]) for j in level}):
+            probs = _probs(drafter.logits(model, feat_of[par]), B, sampling, guided)  # (B, V)
             left = probs.clone()
-            for j in kids:  # siblings without replacement (q of later siblings: renormalised leftovers)
+            for j in (j for j in level if int(parent[j]) == par):  # siblings without replacement
                 qj = left / left.sum(-1, keepdim=True).clamp(min=1e-30)
                 xj = sample_from_uniform(qj, _uniform((B,), dev, generator))
                 x[:, j], q[:, j] = xj, qj
                 left = left.scatter(-1, xj[:, None], 0.0)
-                f2, t2 = f.clone(), t.clone()
-                idx = (n + d).clamp(max=L)
-                f2[ar, idx.repeat(R)] = fe.to(f2.dtype)
-                t2[torch.arange(B, device=dev), idx] = xj
-                hist[j] = (f2, t2)
+        if d == depth:
+            break
+        ids = torch.tensor(level, device=dev)
+        f_in = torch.stack([feat_of[int(parent[j])] for j in level], 1)  # (B', m, D)
+        pos = (nR + d).clamp(max=L)[:, None].expand(-1, len(level))  # (B', m)
+        out = drafter.step(model, f_in, x[:, ids].repeat(R, 1), pos, nR[:, None] + 1 + ids[None],
+                           None if mask is None else mask[:, ids + 1])  # (B', m, D)
+        feat_of.update({j: out[:, i] for i, j in enumerate(level)})
     return x, q
 
 
@@ -290,7 +325,9 @@ def _walk(verify, p, q, x, parent, node_depth, depth, tok_idx, L, generator):
     """Verify from the root: at each depth try the current node's children in order; a rejected sibling's
     residual is the target of the next one (recursive rejection sampling; siblings were drafted without
     replacement, each verified with the distribution it was drawn from) -> (path (B, depth) node ids, -1 beyond
-    the last kept; keep (B,) kept drafts; the next token's distribution (B, V))."""
+    the last kept; keep (B,) kept drafts; the next token's distribution (B, V); tv (B,) the summed TV(target,
+    relaxed target) of every verification tried: the position's output is within it of p; verified (B,) the
+    positions verified)."""
     B, N, dev = x.shape[0], x.shape[1], x.device
     kids = [[j for j in range(N) if int(parent[j]) == c] for c in range(-1, N)]  # children of input c+1
     width = max(len(c) for c in kids)
@@ -301,13 +338,17 @@ def _walk(verify, p, q, x, parent, node_depth, depth, tok_idx, L, generator):
     cur = torch.full((B,), -1, dtype=torch.long, device=dev)  # current node (-1 = t0, input 0)
     target = p[:, 0]  # (B, V) distribution of the token after t0
     rows = torch.arange(B, device=dev)
+    tv = torch.zeros(B, dtype=p.dtype, device=dev)
+    verified = torch.zeros(B, dtype=torch.long, device=dev)
     for d in range(depth):
         chosen = torch.full((B,), -1, dtype=torch.long, device=dev)
         for s in range(width):
             kid = table[cur + 1, s]  # (B,)
             kc = kid.clamp(min=0)
             try_it = alive & (chosen < 0) & (kid >= 0) & (tok_idx[rows, kc + 1] < L)
-            acc, resid = verify(target, q[rows, kc], x[rows, kc], _uniform((B,), dev, generator))
+            acc, resid, tv_s = verify(target, q[rows, kc], x[rows, kc], _uniform((B,), dev, generator))
+            tv = tv + torch.where(try_it, tv_s.to(tv.dtype), 0.0)
+            verified = verified + (try_it & (s == 0))
             acc = acc & try_it
             chosen = torch.where(acc, kid, chosen)
             target = torch.where((try_it & ~acc)[:, None], resid, target)
@@ -317,7 +358,7 @@ def _walk(verify, p, q, x, parent, node_depth, depth, tok_idx, L, generator):
         alive = alive & ok
         cur = torch.where(ok, chosen, cur)
         target = torch.where(ok[:, None], p[rows, cur + 1], target)
-    return path, keep, target
+    return path, keep, target, tv, verified
 
 
 @register("lantern", applies_to=("gpt",), settings=LanternSettings, prepare=_prepare)

@@ -244,10 +244,19 @@ class RelaxedSpeculativeSampling(SpeculativeSampling):
     def __init__(self, nbrs: torch.Tensor, *, delta: float | None = None, lam: float | None = None):
         _check_rule(delta, lam)
         self.nbrs, self.delta, self.lam = nbrs, delta, lam
+        self._last = None  # (p, q, p̂) of the last call
 
     def target(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """p, q (..., V) -> p̂ (..., V)."""
-        return mixture_target(p, q, self.nbrs.to(p.device), delta=self.delta, lam=self.lam)
+        """p, q (..., V) -> p̂ (..., V) (the last window's is kept: ``tv`` right after ``accept`` reuses it)."""
+        if self._last is not None and self._last[0] is p and self._last[1] is q:
+            return self._last[2]
+        p_hat = mixture_target(p, q, self.nbrs.to(p.device), delta=self.delta, lam=self.lam)
+        self._last = (p, q, p_hat)
+        return p_hat
+
+    def tv(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """TV(p, p̂) per position (...)."""
+        return 0.5 * (self.target(p, q) - p).abs().sum(-1)
 
     def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator) -> torch.Tensor:
         return super().accept(self.target(p, q), q, drafts, generator)

@@ -74,6 +74,10 @@ class SpeculativeSampling:
         res = (p - q).clamp_min(0)
         return torch.where(res.sum(-1, keepdim=True) > 0, res, p)
 
+    def tv(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor | None:
+        """TV(p, the distribution a verified position outputs) (...) for p, q (..., V); None: exact (0)."""
+        return None
+
 
 class ExactMatch(SpeculativeSampling):
     """Greedy verification: a draft is accepted iff it is the target's argmax; after a mismatch, the argmax."""
@@ -141,6 +145,8 @@ class SpeculativeLoop:
         self.row_forwards = torch.zeros(self.B, dtype=torch.long, device=self.device)
         self.accepted_sum = torch.zeros(self.B, dtype=torch.long, device=self.device)
         self.accepted_at = torch.zeros(max(self.L - 1, 0), dtype=torch.long, device=self.device)  # per draft index
+        self.tv_sum = torch.zeros(self.B, dtype=torch.float64, device=self.device)  # summed TV of verified positions
+        self.verified = torch.zeros(self.B, dtype=torch.long, device=self.device)  # verified positions
 
     # -- helpers -----------------------------------------------------------------------------------
     def both(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,9 +190,15 @@ class SpeculativeLoop:
         drafts, n_old, active = self.window_drafts(), self.n.clone(), self.n < self.N
         # 1. verification (the rule), drafts past the last image token never accepted
         ok = self.rule.accept(probs[:, :-1], self.q, drafts, self.generator)  # (B, L-1)
-        ok &= (n_old[:, None] + self.offsets[None, :self.L - 1]) < self.N
+        inside = (n_old[:, None] + self.offsets[None, :self.L - 1]) < self.N
+        ok &= inside
         prefix = ok.long().cumprod(1)  # (B, L-1) 1 while every draft so far is accepted
         accepted = prefix.sum(1)  # (B,)
+        tv = self.rule.tv(probs[:, :-1], self.q)  # (B, L-1) or None (exact)
+        if tv is not None:  # a verified position (accepted, or the first rejection) outputs the relaxed target
+            reached = inside & (self.offsets[None, :self.L - 1] <= accepted[:, None]) & active[:, None]
+            self.tv_sum += (tv * reached).sum(1)
+            self.verified += reached.sum(1)
         # 2. one more token: the residual at the first rejection, or p of the bonus position
         q_ext = torch.cat([self.q, torch.zeros_like(probs[:, :1])], 1)  # (B, L, V): q = 0 after the drafts
         p_k, q_k = probs[self.rows, accepted], q_ext[self.rows, accepted]  # (B, V)
@@ -226,4 +238,8 @@ class SpeculativeLoop:
                 "mean_accepted_length": float(self.accepted_sum.sum() / row_forwards.sum()),
                 "row_forward_passes": float(row_forwards.mean()),
                 "row_step_compression": float((self.N / row_forwards).mean()),
-                "acceptance_by_draft_index": (self.accepted_at.float() / row_forwards.sum()).tolist()}
+                "acceptance_by_draft_index": (self.accepted_at.float() / row_forwards.sum()).tolist(),
+                # the measured TV budget (relaxed rules): TV(p, relaxed target) per verified position, and its sum
+                # along a sequence (mean over rows), which bounds TV(output joint, target joint)
+                "tv_per_position": float(self.tv_sum.sum() / self.verified.sum().clamp(min=1)),
+                "tv_composed": float(self.tv_sum.mean())}

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from generators.gpt import GPT, Block
+from generators.layers import CacheAccess, CachedBlocksMixin
 
 
-class DraftHead(nn.Module):
+class DraftHead(CachedBlocksMixin, nn.Module):
     """One transformer layer over (target feature, next-token embedding) pairs predicting the next feature."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6, multiple_of: int = 8,
@@ -32,6 +33,11 @@ class DraftHead(nn.Module):
         self.dim = dim
         self.fc = nn.Linear(2 * dim, dim, bias=True)
         self.block = Block(dim, heads, mlp_ratio, 0.0, norm_eps, multiple_of, kv_heads)
+
+    @property
+    def blocks(self) -> tuple:
+        """The layers whose KV caches CachedBlocksMixin manages (one; ``block`` keeps the checkpoint keys)."""
+        return (self.block,)
 
     @classmethod
     def for_target(cls, target: GPT) -> DraftHead:
@@ -47,6 +53,19 @@ class DraftHead(nn.Module):
         x = self.fc(torch.cat([features, target.tok_embed(tokens).to(features.dtype)], dim=-1))  # (B, n, D)
         x = self.block(x, target._rope(0, x.shape[1]), None, True, None)
         return x
+
+    def step(self, target: GPT, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+             slots: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed n inputs over the head's KV cache -> predicted next features (B, n, D).
+
+        features (B, n, D), tokens (B, n) int64: the inputs (F[:, i], token i); positions (B, n) int64: their input
+        indices i (RoPE); slots (B, n) int64: the cache slots they are written at. mask: bool over the cache
+        slots, (B, n, T) True = may attend (a draft tree); default causal by position (slot j visible to a query
+        at position p iff j <= p, slot = position). Static shapes: attends over the whole buffer.
+        """
+        x = self.fc(torch.cat([features, target.tok_embed(tokens).to(features.dtype)], dim=-1))  # (B, n, D)
+        mask = self.position_mask(positions) if mask is None else mask[:, None]  # (B, 1, n, T)
+        return self.block(x, target._rope(positions, x.shape[1]), mask, False, CacheAccess(slots, None))
 
     def logits(self, target: GPT, predicted: torch.Tensor) -> torch.Tensor:
         """Draft logits through the target's frozen final head: (B, n, D) -> (B, n, V) float."""

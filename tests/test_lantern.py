@@ -11,7 +11,9 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from decoding import lantern
 from decoding.lantern import _tree, commit_path, lantern_verifier, speculative_generate, tree_step
+from decoding.lantern_accept import sample_from_uniform
 from decoding.sampling import SamplingConfig, cfg_split_combine, logits_to_probs
 from generators.draft_head import DraftHead, drafter_loss
 from generators.gpt import GPT
@@ -60,7 +62,7 @@ def joint_pvalue(tokens: torch.Tensor, joint: torch.Tensor, V: int) -> float:
 
 def always_accept(p, q, x, u):
     """A broken verifier (negative control): keeps every draft, so the output follows the draft head."""
-    return torch.ones_like(x, dtype=torch.bool), p
+    return torch.ones_like(x, dtype=torch.bool), p, torch.zeros(x.shape)
 
 
 SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0)
@@ -195,23 +197,113 @@ def test_greedy_equals_greedy_ar_with_fewer_forwards(tree, branching):
 
 
 class Oracle(torch.nn.Module):
-    """A draft head that predicts the target's true next feature (teacher-forced target forward)."""
+    """A draft head that predicts the target's true next feature (teacher-forced target forward), with the
+    draft head's cached interface (its "cache" keeps the tokens written at each slot)."""
 
     def __init__(self, labels):
         super().__init__()
         self.labels = labels
 
-    def forward(self, target, features, tokens):  # (B', n, D), (B', n) -> (B', n, D): F[:, 1:n+1]
-        """The true next feature, plus 10 x the error of the feature it was given (so the feature bookkeeping
-        of the decoder, committed and drafted, must be right for the drafts to be accepted)."""
-        _, h = target(torch.cat([tokens, tokens[:, -1:]], 1)[:, :target.block_size + 1], self.labels,
-                      return_hidden=True)  # (B', min(n, L+1), D): h[:, i] = F[:, i]
-        m = h.shape[1]
-        nxt = torch.cat([h[:, 1:], h[:, -1:].expand(-1, tokens.shape[1] + 1 - m, -1)], 1)  # (B', n, D)
-        return nxt + 10.0 * (features - torch.cat([h, h[:, -1:].expand(-1, tokens.shape[1] - m, -1)], 1))
+    def setup_cache(self, batch_size, max_len, device=None):
+        self.buf = torch.zeros(batch_size, max_len, dtype=torch.long)
+        self.cache_lengths = torch.zeros(batch_size, dtype=torch.long)
+
+    def rollback(self, lengths):
+        self.cache_lengths.copy_(lengths)
+
+    def free_cache(self):
+        self.buf = None
+
+    def step(self, target, features, tokens, positions, slots, mask=None):  # (B', n, D), (B', n) x3 -> (B', n, D)
+        """The true next feature of each input's history (the tokens at the slots it may see, in slot order), plus
+        10 x the error of the feature it was given (so the feature bookkeeping of the decoder, committed and
+        drafted, must be right for the drafts to be accepted)."""
+        self.buf.scatter_(1, slots, tokens)
+        T, L = self.buf.shape[1], target.block_size
+        vis = torch.arange(T)[None, None] <= positions[..., None] if mask is None else mask  # (B', n, T)
+        out = torch.zeros_like(features)
+        for b in range(features.shape[0]):
+            for i in range(features.shape[1]):
+                seq = self.buf[b][vis[b, i]][:L]  # tokens 0..p
+                _, h = target(torch.cat([seq, seq[-1:]])[None], self.labels[b:b + 1], return_hidden=True)
+                p = len(seq) - 1  # h[0, j] = F[:, j], j <= p + 1
+                out[b, i] = h[0, p + 1] + 10.0 * (features[b, i] - h[0, p])
+        return out
 
     def logits(self, target, predicted):
         return target.head(predicted).float()
+
+
+def draft_uncached(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator):
+    """The reference drafter: the head over each node's whole history (per-path copies), no cache."""
+    N, L, Bp = parent.shape[0], model.block_size, feats.shape[0]
+    x = torch.zeros(B, N, dtype=torch.long)
+    q = torch.zeros(B, N, model.vocab_size)
+    hist = {-1: (feats.clone(), tokens.clone())}
+    ar = torch.arange(Bp)
+    for d in range(1, int(node_depth.max()) + 1):
+        for par in sorted({int(parent[j]) for j in range(N) if int(node_depth[j]) == d}):
+            f, t = hist[par]
+            pred = drafter(model, f, t[:, :f.shape[1]].repeat(R, 1))  # (B', L+1, D) predicts F[:, i+1]
+            fe = pred[ar, (n + d - 1).clamp(max=L).repeat(R)]  # (B', D) predicted feature of token n + d
+            left = lantern._probs(drafter.logits(model, fe), B, sampling, guided).clone()  # (B, V)
+            for j in [j for j in range(N) if int(parent[j]) == par]:
+                qj = left / left.sum(-1, keepdim=True).clamp(min=1e-30)
+                xj = sample_from_uniform(qj, torch.rand(B, generator=generator))
+                x[:, j], q[:, j] = xj, qj
+                left = left.scatter(-1, xj[:, None], 0.0)
+                f2, t2 = f.clone(), t.clone()
+                f2[ar, (n + d).clamp(max=L).repeat(R)] = fe
+                t2[torch.arange(B), (n + d).clamp(max=L)] = xj
+                hist[j] = (f2, t2)
+    return x, q
+
+
+def coin(p, q, x, u):
+    """A verifier that keeps a draft with probability 0.6 whatever it is: every accepted length occurs."""
+    return u < 0.6, p, torch.zeros(x.shape)
+
+
+@pytest.mark.parametrize("tree,branching", [("chain", ()), ("static", (2, 2, 1))])
+def test_cached_drafting_equals_uncached(tree, branching, monkeypatch):
+    """Every drafting call of a generation (CFG, batch 6, per-row rollbacks of every length) gives the same drafts
+    and draft distributions (1e-5) over the head's KV cache as the head run over the whole history; the same seed
+    gives the same tokens with either drafter."""
+    model, head = toy(V=16, L=16, dim=32, depth=2)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn(p.shape))
+    model, head = model.double(), head.double()  # float64 features: 1e-5 separates a bug from rounding
+    cond = torch.arange(NC).repeat(2)
+    cached, calls, kept = lantern._draft, [], []
+
+    def both(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator):
+        state = generator.get_state()
+        x, q = cached(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator)
+        after = generator.get_state()
+        generator.set_state(state)
+        xr, qr = draft_uncached(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided,
+                                generator)
+        assert torch.equal(generator.get_state(), after)
+        valid = (n[:, None] + node_depth[None] <= L_ - 1)  # (B, N) nodes inside the image
+        assert torch.equal(x[valid], xr[valid])
+        torch.testing.assert_close(q[valid], qr[valid], atol=1e-5, rtol=1e-5)
+        calls.append(int(valid.sum()))
+        return x, q
+
+    L_ = model.block_size
+    monkeypatch.setattr(lantern, "_draft", both)
+    got, stats = speculative_generate(model, head, cond, SAMPLING, coin, 3, torch.Generator().manual_seed(0), tree,
+                                      branching)
+    assert len(calls) >= 4 and sum(calls) > 40
+    assert set(stats["accepted_lengths"]) == {0, 1, 2, 3}  # every rollback length was exercised
+    monkeypatch.setattr(lantern, "_draft", cached)
+    again, _ = speculative_generate(model, head, cond, SAMPLING, coin, 3, torch.Generator().manual_seed(0), tree,
+                                    branching)
+    monkeypatch.setattr(lantern, "_draft", draft_uncached)
+    ref, _ = speculative_generate(model, head, cond, SAMPLING, coin, 3, torch.Generator().manual_seed(0), tree,
+                                  branching)
+    assert torch.equal(got, again) and torch.equal(got, ref)
 
 
 def test_relaxed_sequences_stay_within_the_composed_tv_bound():
@@ -228,8 +320,43 @@ def test_relaxed_sequences_stay_within_the_composed_tv_bound():
         emp = torch.bincount(idx, minlength=len(joint)).double() / len(idx)
         return 0.5 * float((emp - joint / joint.sum()).abs().sum())
 
-    tokens, _ = speculative_generate(model, head, cond, SAMPLING, lantern_verifier(nbrs, V, {"delta": delta}), 2,
+    tokens, stats = speculative_generate(model, head, cond, SAMPLING, lantern_verifier(nbrs, V, {"delta": delta}), 2,
                                          torch.Generator().manual_seed(0))
     assert tv_of(tokens) <= L * delta + 0.03, tv_of(tokens)
+    # the measured TV budget: within δ per verified position, its sum within L δ and above the joint's TV
+    assert 0 < stats["tv_per_position"] <= delta + 1e-9
+    assert 0 < stats["tv_composed"] <= stats["verified_positions"] * delta + 1e-9 <= L * delta + 1e-9
+    assert tv_of(tokens) <= stats["tv_composed"] + 0.03
+    _, exact = speculative_generate(model, head, cond[:2000], SAMPLING, lantern_verifier(nbrs, V, {"delta": 0.0}), 2,
+                                    torch.Generator().manual_seed(0))
+    assert exact["tv_composed"] == 0 and exact["verified_positions"] > 1
     broken, _ = speculative_generate(model, head, cond, SAMPLING, always_accept, 2, torch.Generator().manual_seed(0))
     assert tv_of(broken) > L * delta + 0.03, tv_of(broken)
+
+
+def test_the_tv_budget_sums_the_verified_positions():
+    """With a verifier whose per-position TV is 1, the composed budget of a row counts its verified positions:
+    per iteration the kept drafts plus the first rejection inside the image (counted here from the accepted
+    lengths); the lantern verifier's TV is TV(p, relaxed target)."""
+    from decoding.lantern_accept import lantern_verify
+
+    model, head = toy(V=16, L=16, dim=32, depth=2)
+
+    def unit(p, q, x, u):
+        return u < 0.6, p, torch.ones(x.shape)
+
+    for seed in range(4):
+        _, stats = speculative_generate(model, head, torch.tensor([seed % NC]), SAMPLING, unit, 3,
+                                        torch.Generator().manual_seed(seed))
+        n, count = 0, 0
+        for keep in stats["accepted_lengths"]:
+            count += keep + int(keep < min(3, 16 - 1 - n))
+            n += 1 + keep
+        assert stats["tv_composed"] == count, (stats["tv_composed"], count)
+    p, q = torch.rand(5, 16).softmax(-1), torch.rand(5, 16).softmax(-1)
+    x, u = torch.randint(0, 16, (5,)), torch.rand(5)
+    nbrs = torch.stack([torch.roll(torch.arange(16), -s) for s in range(1, 6)], 1)
+    _, _, tv = lantern_verifier(nbrs, 16, {"delta": 0.2})(p, q, x, u)
+    want = 0.5 * (lantern_verify(p, q, x, u, nbrs, delta=0.2).target - p).abs().sum(-1)
+    torch.testing.assert_close(tv, want)
+    assert float(want.max()) > 0

@@ -308,9 +308,13 @@ def test_relaxed_sjd_stays_within_the_composed_tv_bound_and_accepts_more(joint_m
     num, delta = 40_000, 0.05
     nbrs = ring_neighbours(V - 1)
     exact, labels, exact_stats = run_rule(model, None, num)
-    relaxed, _, _ = run_rule(model, RelaxedSpeculativeSampling(nbrs, delta=delta), num)
+    relaxed, _, stats = run_rule(model, RelaxedSpeculativeSampling(nbrs, delta=delta), num)
     noise = joint_tv(exact, labels, joints)  # the sampling noise of num sequences of an exact sampler
     assert joint_tv(relaxed, labels, joints) <= model.num_tokens * delta + noise + 0.01
+    # the measured TV budget: within δ per verified position, and its sum bounds the joint's TV
+    assert exact_stats["tv_composed"] == 0 and 0 < stats["tv_per_position"] <= delta + 1e-9
+    assert stats["tv_per_position"] < stats["tv_composed"] <= model.num_tokens * delta + 1e-9
+    assert joint_tv(relaxed, labels, joints) <= stats["tv_composed"] + noise + 0.01
     _, _, loose = run_rule(model, RelaxedSpeculativeSampling(ring_neighbours(3), delta=0.4), num)
     assert loose["mean_accepted_length"] > exact_stats["mean_accepted_length"] + 0.015
 
@@ -350,3 +354,34 @@ def test_relax_lantern_through_the_registry_changes_the_samples_and_zero_delta_d
     exact = run({})
     assert torch.equal(run({"relax": "lantern", "delta": 0.0, "k": 3}), exact)
     assert not torch.equal(run({"relax": "lantern", "delta": 0.4, "k": 3}), exact)
+
+
+def test_the_tv_budget_sums_the_verified_positions(joint_model):
+    """With a rule whose per-position TV is 1, the composed budget counts the verified positions: the accepted
+    drafts plus the first rejection inside the image, per forward (counted here from each step's result)."""
+    from decoding.lantern_accept import RelaxedSpeculativeSampling, mixture_target
+
+    class UnitTV(SpeculativeSampling):
+        def tv(self, p, q):
+            return torch.ones(p.shape[:-1], dtype=torch.float64)
+
+    model, _ = joint_model
+    for seed in range(4):
+        torch.set_grad_enabled(False)
+        loop = SpeculativeLoop(model, torch.tensor([seed % NC]), SAMPLING, torch.Generator().manual_seed(seed), 3,
+                               JacobiDrafter("random", "none"), UnitTV())
+        loop.start()
+        count = 0
+        while not loop.done():
+            r = loop.step()
+            drafts_inside = min(loop.L - 1, loop.N - int(r.n_old))
+            count += int(r.accepted) + int(int(r.accepted) < drafts_inside)
+        torch.set_grad_enabled(True)
+        assert loop.stats(0)["tv_composed"] == count
+    # and a relaxed rule's per-position TV is TV(p, p̂)
+    p, q = torch.rand(5, V).softmax(-1), torch.rand(5, V).softmax(-1)
+    nbrs = ring_neighbours(3)
+    rule = RelaxedSpeculativeSampling(nbrs, delta=0.2)
+    want = 0.5 * (mixture_target(p, q, nbrs, delta=0.2) - p).abs().sum(-1)
+    torch.testing.assert_close(rule.tv(p, q), want)
+    assert float(want.max()) > 0
