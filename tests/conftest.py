@@ -44,6 +44,40 @@ def run_entry(script: str, args: list[str], cwd: Path = ROOT, timeout: int = 600
                           timeout=timeout, env=full_env)
 
 
+def distill_kill_resume_then_sample(tmp_path: Path, common: list[str], teacher_from: int) -> tuple[dict, dict]:
+    """task=distill once straight (ref/) and once killed after step 5 then resumed (run/): the two exports must match;
+    then sample.py decoding=distilled steps=2 from the resumed run -> (ref's config.yaml, the sample's metrics.json)."""
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+
+    env = {"OMP_NUM_THREADS": "1"}
+    ref = run_entry("train.py", common + [f"hydra.run.dir={tmp_path / 'ref'}"], env=env)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())
+
+    run_dir = tmp_path / "run"
+    killed = run_entry("train.py", common + [f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=tests.helpers.KillAtStep",
+                                            "+callbacks.kill.step=5"], env=env)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed = run_entry("train.py", common + [f"ckpt_path={last}"], env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+    out = tmp_path / "sample"
+    sampled = run_entry("sample.py", [f"ckpt={run_dir}", "decoding=distilled", "decoding.steps=2",
+                                      f"decoding.teacher_from={teacher_from}", "samples_per_class=2", "classes=[0,1]",
+                                      "device=cpu", f"hydra.run.dir={out}"], env=env)
+    assert sampled.returncode == 0, sampled.stdout[-3000:] + sampled.stderr[-3000:]
+    return cfg, json.loads((out / "metrics.json").read_text())
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test: tiny tensors on a shared 2-core machine only lose to threading."""

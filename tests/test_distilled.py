@@ -5,13 +5,10 @@ end-to-end test trains through train.py on an untrained FSQ tokenizer and an unt
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 from scipy.stats import chisquare
 
 import generators.distill_student as dd
@@ -21,7 +18,7 @@ from decoding.registry import get_decoder
 from decoding.sampling import SamplingConfig, cfg_split_combine, logits_to_probs
 from generators.distill_student import DistilledGPT, build_pairs, load_pairs
 from generators.gpt import GPT
-from tests.conftest import TINY, run_entry
+from tests.conftest import TINY, distill_kill_resume_then_sample
 from utils.checkpoint import export_run
 
 V, L, D_CODE, NC = 8, 4, 2, 2
@@ -252,32 +249,9 @@ DISTILL = TINY + ["task=distill", "distill.num_pairs=96", "distill.val_pairs=16"
 def test_task_distill_kill_resume_then_sample(tmp_path):
     teacher = make_teacher_run(tmp_path)
     common = DISTILL + [f"teacher_ckpt={teacher}", f"paths.data_dir={tmp_path / 'data'}"]
-    env = {"OMP_NUM_THREADS": "1"}
-    ref = run_entry("train.py", common + [f"hydra.run.dir={tmp_path / 'ref'}"], env=env)
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
-    cfg = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())
+    cfg, result = distill_kill_resume_then_sample(tmp_path, common, teacher_from=4)
     assert cfg["kind"] == "distill" and cfg["distill"]["teacher"]["path"] == str(teacher.resolve())
     assert cfg["distill"]["splits"] == [0, 8] and len(cfg["distill"]["teacher"]["hash"]) == 64
-
-    run_dir = tmp_path / "run"
-    killed = run_entry("train.py", common + [f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=tests.helpers.KillAtStep",
-                                            "+callbacks.kill.step=5"], env=env)
-    assert killed.returncode == 137, killed.stderr[-2000:]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 3
-    resumed = run_entry("train.py", common + [f"ckpt_path={last}"], env=env)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(run_dir / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
-
-    out = tmp_path / "sample"
-    sampled = run_entry("sample.py", [f"ckpt={run_dir}", "decoding=distilled", "decoding.steps=2",
-                                      "decoding.teacher_from=4", "samples_per_class=2", "classes=[0,1]", "device=cpu",
-                                      f"hydra.run.dir={out}"], env=env)
-    assert sampled.returncode == 0, sampled.stdout[-3000:] + sampled.stderr[-3000:]
-    result = json.loads((out / "metrics.json").read_text())
     assert result["speed"]["forward_passes_per_image"] == 2 + 4 and Path(result["grid"]).exists()
 
 

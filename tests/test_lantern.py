@@ -275,7 +275,7 @@ def test_cached_drafting_equals_uncached(tree, branching, monkeypatch):
             p.add_(0.3 * torch.randn(p.shape))
     model, head = model.double(), head.double()  # float64 features: 1e-5 separates a bug from rounding
     cond = torch.arange(NC).repeat(2)
-    cached, calls, kept = lantern._draft, [], []
+    cached, calls = lantern._draft, []
 
     def both(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator):
         state = generator.get_state()
