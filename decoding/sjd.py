@@ -150,7 +150,7 @@ def _prepare(settings: SjdSettings, config: dict, device) -> SjdSettings:
 @register("sjd", applies_to=("gpt",), settings=SjdSettings, prepare=_prepare)
 def generate(model, cond, sampling, generator, tokenizer, settings: SjdSettings):
     """Speculative Jacobi decoding -> (tokens (B, N), stats: accepted lengths, per-row forwards, ...)."""
-    step_fn = torch.compile(model.step, dynamic=False) if settings.compile else None
+    step_fn = model.compiled_step() if settings.compile else None  # inductor, fixed window shapes
     loop = SpeculativeLoop(model, cond, sampling, generator, settings.window,
                            JacobiDrafter(settings.init, settings.draft_coupling), rule=_rule(sampling, settings),
                            step_fn=step_fn)

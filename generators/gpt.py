@@ -190,7 +190,17 @@ class GPT(CachedBlocksMixin, nn.Module):
         if not use_cache:
             raise ValueError("decoding.compile=true compiles the cached one-token step: it needs use_cache=true")
         # reduce-overhead = CUDA graphs (static cache address); on CPU inductor's default mode
-        return torch.compile(self.step, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=False)
+        return self.compiled_step("reduce-overhead" if device.type == "cuda" else None)
+
+    def compiled_step(self, mode: str | None = None):
+        """``step`` under torch.compile (fixed shapes; ``mode`` as torch.compile's), counted by ``forward_counter``:
+        a compiled graph runs no Python hooks, so this wrapper records each call."""
+        compiled = torch.compile(self.step, mode=mode, dynamic=False)
+
+        def step(*args, **kwargs):
+            count_calls.record(self.blocks[0])
+            return compiled(*args, **kwargs)
+        return step
 
     @staticmethod
     def tokens_to_images(tokenizer, tokens: torch.Tensor, info: dict) -> torch.Tensor:

@@ -8,6 +8,7 @@ independently (speculative decoding) and a draft tree is verified with its own m
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -486,18 +487,31 @@ class CachedBlocksMixin:
 class count_calls:
     """Count the calls of a module inside a block: ``with count_calls(model.blocks[0]) as c: ...; c.count``.
 
-    A hook, so the model keeps no per-call state; a [cond; uncond] batch is one call.
+    A hook, so the model keeps no per-call state; a [cond; uncond] batch is one call. A compiled step runs no
+    Python hooks (tracing one that bumps an int recompiles on every call): the hook does nothing under
+    torch.compile and the compiled step's caller counts its call with ``count_calls.record(module)``.
     """
+
+    _active: "weakref.WeakKeyDictionary[nn.Module, list[count_calls]]" = weakref.WeakKeyDictionary()
 
     def __init__(self, module: nn.Module):
         self.module, self.count = module, 0
 
     def _hook(self, *_):
-        self.count += 1
+        if not torch.compiler.is_compiling():
+            self.count += 1
+
+    @classmethod
+    def record(cls, module: nn.Module) -> None:
+        """One call of ``module`` made inside a compiled graph: every open counter of it counts it."""
+        for counter in cls._active.get(module, ()):
+            counter.count += 1
 
     def __enter__(self):
         self.handle = self.module.register_forward_pre_hook(self._hook)
+        count_calls._active.setdefault(self.module, []).append(self)
         return self
 
     def __exit__(self, *exc):
         self.handle.remove()
+        count_calls._active[self.module].remove(self)

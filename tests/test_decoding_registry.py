@@ -66,7 +66,8 @@ def test_compile_needs_the_cache():
 
 @pytest.mark.slow  # inductor generates and builds C++ for the step: about a minute on 2 loaded cores
 def test_compiled_steps_give_the_eager_tokens_on_cpu(one_thread):
-    """decoding.compile=true on CPU (inductor, no CUDA graphs): ar and sjd draw the eager tokens for a seed."""
+    """decoding.compile=true on CPU (inductor, no CUDA graphs): ar and sjd draw the eager tokens for a seed, count
+    the same forward passes, and compile each step once (a recompile per call would fall back to eager)."""
     torch.manual_seed(0)
     model = GPT(64, 3, block_size=16, dim=64, depth=2, heads=2)
     with torch.no_grad():
@@ -75,15 +76,21 @@ def test_compiled_steps_give_the_eager_tokens_on_cpu(one_thread):
     cond = torch.tensor([0, 1, 2, 1])
     s = SamplingConfig(cfg_scale=2.0, top_k=20, top_p=0.9)
     try:
-        eager, _ = get_decoder("ar").run(model, cond, s, torch.Generator().manual_seed(3))
-        for _ in range(2):  # the second call reuses the compiled step
-            compiled, _ = get_decoder("ar").run(model, cond, s, torch.Generator().manual_seed(3),
-                                                settings={"compile": True})
-            assert torch.equal(eager, compiled)
-        sjd = get_decoder("sjd")
-        eager, _ = sjd.run(model, cond, s, torch.Generator().manual_seed(5), None, {"window": 5})
-        compiled, _ = sjd.run(model, cond, s, torch.Generator().manual_seed(5), None, {"window": 5, "compile": True})
-        assert torch.equal(eager, compiled)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            eager, e_stats = get_decoder("ar").run(model, cond, s, torch.Generator().manual_seed(3))
+            for _ in range(2):  # the second call reuses the compiled step
+                compiled, c_stats = get_decoder("ar").run(model, cond, s, torch.Generator().manual_seed(3),
+                                                          settings={"compile": True})
+                assert torch.equal(eager, compiled)
+                assert c_stats["forward_passes"] == e_stats["forward_passes"] == 16
+            torch._dynamo.reset()  # the window is another shape of the same step
+            sjd = get_decoder("sjd")
+            eager, e_stats = sjd.run(model, cond, s, torch.Generator().manual_seed(5), None, {"window": 5})
+            for _ in range(2):
+                compiled, c_stats = sjd.run(model, cond, s, torch.Generator().manual_seed(5), None,
+                                            {"window": 5, "compile": True})
+                assert torch.equal(eager, compiled)
+                assert c_stats["forward_passes"] == e_stats["forward_passes"]
     finally:
         torch._dynamo.reset()
 
@@ -97,8 +104,13 @@ def test_compiled_decode_step_gives_the_eager_tokens():
             p.add_(0.2 * torch.randn_like(p))
     cond = torch.tensor([0, 1, 2, 1], device="cuda")
     s = SamplingConfig(cfg_scale=2.0, top_k=20, top_p=0.9)
-    eager, _ = get_decoder("ar").run(model, cond, s, torch.Generator("cuda").manual_seed(3))
-    for _ in range(2):  # the second call replays the captured graph
-        compiled, _ = get_decoder("ar").run(model, cond, s, torch.Generator("cuda").manual_seed(3),
-                                            settings={"compile": True})
-        assert torch.equal(eager, compiled)
+    eager, e_stats = get_decoder("ar").run(model, cond, s, torch.Generator("cuda").manual_seed(3))
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):  # one capture, replayed for every step
+            for _ in range(2):  # the second call replays the captured graph
+                compiled, c_stats = get_decoder("ar").run(model, cond, s, torch.Generator("cuda").manual_seed(3),
+                                                          settings={"compile": True})
+                assert torch.equal(eager, compiled)
+                assert c_stats["forward_passes"] == e_stats["forward_passes"] == 16
+    finally:
+        torch._dynamo.reset()
