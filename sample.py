@@ -163,9 +163,10 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
         ar = get_decoder("ar") if cfg.get("compare_ar") and decoder.name != "ar" else None
         g_ar = torch.Generator(device=device).manual_seed(int(cfg.seed))
         with autocast:
-            if cfg.warmup:  # first calls pay for allocation and kernel selection: keep them out of the timing
+            if cfg.warmup:  # first calls pay for allocation and kernel selection (per shape: at the timed batch
+                # size; on a GPU a first ar call at a new batch size took seconds): keep them out of the timing
                 for d, s in ((decoder, settings), (ar, None)) if ar else ((decoder, settings),):
-                    d.run(model, labels[: min(len(labels), 2)], sampling, torch.Generator(device=device), tokenizer, s)
+                    d.run(model, labels[: int(cfg.batch_size)], sampling, torch.Generator(device=device), tokenizer, s)
             images, t_gen, t_dec, t_ar, runs = [], 0.0, 0.0, 0.0, []
             for k, i in enumerate(progress(range(0, len(labels), int(cfg.batch_size)), "sampling the grid")):
                 y = labels[i:i + int(cfg.batch_size)]

@@ -8,8 +8,8 @@ Row groups, each against its own reference sampler, same labels and seed:
 
 - ``--gpt``: ``ar`` eager is the reference; ``--gpt-methods`` (method specs as in benchmarks/decoding.py,
   e.g. ``ar:compile=true``, ``sjd:compile=true``, ``lantern:delta=0.1,k=10``) are the rows;
-- ``--var`` with ``--refiner``: the VAR's ``ar`` is the reference; CoDe (``decoding=collaborative``) at each
-  ``--code-n`` is a row (the drafter is ``--var``);
+- ``--var`` with ``--refiner``: the VAR's ``ar`` is the reference; its compiled ``ar`` (one CUDA graph per scale)
+  and CoDe (``decoding=collaborative``) at each ``--code-n`` are the rows (the drafter is ``--var``);
 - each ``--dd`` (a task=distill run): its teacher's ``ar`` is the reference; DD 1-step and 2-step are the rows.
 
 Per row and batch size: both sides warmed up (``--warmup`` calls: compiled steps are captured there), then
@@ -128,7 +128,7 @@ def gpt_rows(args, device):
 
 
 def var_rows(args, device):
-    """The VAR group: its ar against CoDe at each N (refiner --refiner)."""
+    """The VAR group: its ar against its compiled ar and CoDe at each N (refiner --refiner)."""
     from decoding.registry import get_decoder
     from generators.module import sampling_config
     from utils.runs import load_generator
@@ -136,8 +136,9 @@ def var_rows(args, device):
     model, tokenizer, config = load_generator(args.var, device)
     sampling = sampling_config(config["generator"]["sampling"])
     ref = Side("var ar", get_decoder("ar"), model, None, tokenizer, sampling)
-    code = get_decoder("collaborative")
-    sides = [Side(f"CoDe N={n}", code, model, code.prepare({"refiner_ckpt": args.refiner, "drafting_steps": n,
+    code, ar = get_decoder("collaborative"), get_decoder("ar")
+    sides = [Side("var ar:compile=true", ar, model, ar.parse_settings({"compile": True}), tokenizer, sampling)]
+    sides += [Side(f"CoDe N={n}", code, model, code.prepare({"refiner_ckpt": args.refiner, "drafting_steps": n,
                                                             "drafter_temperature": None, "refiner_temperature": None},
                                                            config, device), tokenizer, sampling) for n in args.code_n]
     return ref, sides, config["data"]["num_classes"]

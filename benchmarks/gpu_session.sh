@@ -5,7 +5,8 @@
 # Expects beside the repo (both git-ignored, carried with the call):
 #   .whl/      wheels of what the GPU image lacks (hydra-core, omegaconf, antlr4-python3-runtime);
 #   .gpu/root/ the runs to time, mirrored at their recorded absolute paths (.gpu/root/work/main/outputs/...):
-#              model.safetensors + config.yaml (+ metrics.json, neighbour tables) of each; linked into place here.
+#              model.safetensors + config.yaml (+ metrics.json, neighbour tables) of each; linked into place here;
+#   .gpu/aliases (optional) "<path> <carried path>" lines: one run recorded at a second path.
 # Writes under $OUT: the CUDA test log, the decoding rows (JSON + log), the generator speed log, sample grids.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -23,6 +24,10 @@ if [ -d .gpu/root ]; then  # each carried run at the absolute path its dependant
     target="/${d#./}"
     if [ ! -e "$target" ]; then mkdir -p "$(dirname "$target")" && ln -s "$PWD/.gpu/root/${d#./}" "$target"; fi
   done
+  # .gpu/aliases: "<path> <carried path>" per line, for a run recorded at two paths (copies with one hash)
+  while read -r alias real; do
+    if [ ! -e "$alias" ]; then mkdir -p "$(dirname "$alias")" && ln -s "$real" "$alias"; fi
+  done < <(cat .gpu/aliases 2>/dev/null)
 fi
 GPT=/work/main/outputs/bench_gpt/generator
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv

@@ -20,7 +20,7 @@ class ArSettings:
     """decoding=ar's own settings."""
 
     use_cache: bool = True  # GPT only: False reruns the full causal forward every token (the naive reference)
-    compile: bool = False  # GPT: the one-token step compiled with torch.compile (CUDA graphs on CUDA)
+    compile: bool = False  # GPT: the one-token step, VAR: each scale's step, compiled (CUDA graphs on CUDA)
 
 
 @register("ar", applies_to=("gpt", "var", "flowar"), settings=ArSettings)

@@ -15,7 +15,7 @@ from torch import nn
 from decoding.sampling import SamplingConfig, cfg_split_combine, sample_from_logits
 from generators.objective import TokenObjective, token_loss
 from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassEmbedding, RMSNorm, SwiGLU,
-                               count_calls, rope_grid_angles, swiglu_hidden)
+                               compiled_step, count_calls, rope_grid_angles, swiglu_hidden)
 
 
 #################################################################################
@@ -193,14 +193,8 @@ class GPT(CachedBlocksMixin, nn.Module):
         return self.compiled_step("reduce-overhead" if device.type == "cuda" else None)
 
     def compiled_step(self, mode: str | None = None):
-        """``step`` under torch.compile (fixed shapes; ``mode`` as torch.compile's), counted by ``forward_counter``:
-        a compiled graph runs no Python hooks, so this wrapper records each call."""
-        compiled = torch.compile(self.step, mode=mode, dynamic=False)
-
-        def step(*args, **kwargs):
-            count_calls.record(self.blocks[0])
-            return compiled(*args, **kwargs)
-        return step
+        """``step`` under torch.compile (fixed shapes; ``mode`` as torch.compile's), counted by ``forward_counter``."""
+        return compiled_step(self.step, self.blocks[0], mode)
 
     @staticmethod
     def tokens_to_images(tokenizer, tokens: torch.Tensor, info: dict) -> torch.Tensor:

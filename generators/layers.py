@@ -484,6 +484,24 @@ class CachedBlocksMixin:
 #                              Forward-pass counting                            #
 #################################################################################
 
+def compiled_step(step, counted: nn.Module, mode: str | None = None, graphs: int = 1):
+    """``step`` under torch.compile with fixed shapes (``mode`` as torch.compile's: "reduce-overhead" = CUDA graphs),
+    each call recorded on ``counted``'s forward counter (a compiled graph runs no Python hooks).
+
+    ``graphs``: how many shapes the step is called with (VAR: one per scale); dynamo's recompile limit is raised
+    to fit them while the step runs, so no shape silently falls back to eager.
+    """
+    compiled = torch.compile(step, mode=mode, dynamic=False)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+
+    def run(*args, **kwargs):
+        count_calls.record(counted)
+        with config.patch(**{limit: max(getattr(config, limit), graphs + 1)}):
+            return compiled(*args, **kwargs)
+    return run
+
+
 class count_calls:
     """Count the calls of a module inside a block: ``with count_calls(model.blocks[0]) as c: ...; c.count``.
 

@@ -17,7 +17,7 @@ from torch import nn
 from decoding.sampling import SamplingConfig, sample_from_logits
 from generators.objective import TokenObjective, token_loss
 from generators.layers import (Attention, CacheAccess, CachedBlocksMixin, ClassEmbedding, DropPath, Mlp,
-                               block_causal_mask, count_calls, scale_bounds, scale_levels)
+                               block_causal_mask, compiled_step, count_calls, scale_bounds, scale_levels)
 
 
 #################################################################################
@@ -191,14 +191,18 @@ class VAR(CachedBlocksMixin, nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None,
                tokenizer=None, use_cache: bool = True, compile: bool = False) -> list:
-        """The reference sampler: one cached forward per scale -> index maps [(B, s_k, s_k)]."""
-        if not use_cache or compile:
-            raise ValueError("VAR samples over its KV cache, eagerly (use_cache=false and compile=true apply to GPT)")
+        """The reference sampler: one cached forward per scale -> index maps [(B, s_k, s_k)].
+
+        ``compile``: each scale's step runs under torch.compile with fixed shapes (one graph per scale; on CUDA
+        mode="reduce-overhead", i.e. captured as CUDA graphs; on CPU inductor's generated C++).
+        """
+        if not use_cache:
+            raise ValueError("VAR samples over its KV cache (use_cache=false applies to GPT)")
         if tokenizer is None:
             raise ValueError("VAR sampling needs tokenizer=<the msvq tokenizer (or its quantizer)>")
         msvq = getattr(tokenizer, "quantizer", tokenizer)
         return self.generate(msvq, cond, sampling.cfg_scale, sampling.temperature, sampling.top_k,
-                             sampling.top_p, generator)
+                             sampling.top_p, generator, compile=compile)
 
     @staticmethod
     def tokens_to_images(tokenizer, tokens, info: dict) -> torch.Tensor:
@@ -321,15 +325,17 @@ class VAR(CachedBlocksMixin, nn.Module):
     @torch.no_grad()
     def generate(self, msvq, cond: torch.Tensor, cfg: float = 1.5, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, generator: torch.Generator | None = None, indices_prefix=None,
-                 stop: int | None = None) -> list:
+                 stop: int | None = None, compile: bool = False) -> list:
         """Sample index maps [(B, s_k, s_k)] for labels cond (B,), one cached forward per scale.
 
         CFG ramps with the scale: t = cfg * k / (K-1), logits = (1+t) cond - t uncond (scale 0 unguided;
         cfg = 0 runs no unconditional half). With ``indices_prefix`` (N maps) scales 0..N are prefilled in
         one pass and sampling continues at scale N. ``stop``: return after scale stop-1 (the first ``stop``
-        maps; collaborative decoding's drafter).
+        maps; collaborative decoding's drafter). ``compile``: the per-scale steps compiled (see ``sample``).
         """
         B = cond.shape[0]
+        step = (compiled_step(self.step, self.blocks[0], "reduce-overhead" if cond.device.type == "cuda" else None,
+                              graphs=len(self.scales)) if compile else self.step)
         K = len(self.scales) if stop is None else stop
         guided = cfg != 0
         labels = self.class_emb.with_null(cond) if guided else cond  # (B',)
@@ -345,7 +351,7 @@ class VAR(CachedBlocksMixin, nn.Module):
             s = self.scales[k]
             # 2. one forward over the whole scale (already done for the first one)
             if k > start:
-                logits = self.step(next_in, k)  # (B', s^2, V)
+                logits = step(next_in, k)  # (B', s^2, V)
             # 3. guidance ramp, then top-k / top-p multinomial sampling
             if guided:
                 t = cfg * k / max(len(self.scales) - 1, 1)

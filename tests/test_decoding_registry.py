@@ -44,7 +44,7 @@ def test_var_counts_one_forward_per_scale_and_refuses_use_cache_false():
     model = VAR(16, 3, (1, 2, 3), code_dim=8, depth=1, width=16, heads=2)
     maps, stats = get_decoder("ar").run(model, torch.tensor([1]), SamplingConfig(cfg_scale=1.5), None, msvq)
     assert [m.shape[-1] for m in maps] == [1, 2, 3] and stats["forward_passes"] == 3 and stats["tokens"] == 14
-    with pytest.raises(ValueError, match="use_cache=false and compile=true apply to GPT"):
+    with pytest.raises(ValueError, match="use_cache=false applies to GPT"):
         get_decoder("ar").run(model, torch.tensor([1]), None, None, msvq, {"use_cache": False})
 
 
@@ -93,6 +93,45 @@ def test_compiled_steps_give_the_eager_tokens_on_cpu(one_thread):
                 assert c_stats["forward_passes"] == e_stats["forward_passes"]
     finally:
         torch._dynamo.reset()
+
+
+def _compiled_var_matches_eager(device: str):
+    """decoding.compile=true for VAR: the eager maps for a seed, the same forward count, one graph per scale
+    built on the first call and none on the second."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    msvq = MultiScaleVQ(dim=8, codebook_size=32, scales=(1, 2, 3, 4)).eval().to(device)
+    with torch.no_grad():
+        msvq.embedding.weight.normal_()
+    model = VAR(32, 3, (1, 2, 3, 4), code_dim=8, depth=2, width=32, heads=2).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    cond = torch.tensor([0, 1, 2], device=device)
+    s = SamplingConfig(cfg_scale=1.5, top_k=20, top_p=0.9)
+    ar = get_decoder("ar")
+    try:
+        eager, e_stats = ar.run(model, cond, s, torch.Generator(device).manual_seed(4), msvq)
+        graphs = [counters["stats"]["unique_graphs"]]
+        for _ in range(2):
+            compiled, c_stats = ar.run(model, cond, s, torch.Generator(device).manual_seed(4), msvq, {"compile": True})
+            graphs.append(counters["stats"]["unique_graphs"])
+            assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+            assert c_stats["forward_passes"] == e_stats["forward_passes"] == 4
+        assert graphs[1] - graphs[0] >= 3 and graphs[2] == graphs[1]  # scales 1..3 compiled once, then reused
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow  # inductor builds C++ for each of the 3 stepped scales: about a minute on 2 loaded cores
+def test_compiled_var_scales_give_the_eager_maps_on_cpu(one_thread):
+    _compiled_var_matches_eager("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding.compile captures CUDA graphs: needs CUDA")
+def test_compiled_var_scales_give_the_eager_maps_on_cuda():
+    _compiled_var_matches_eager("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding.compile captures CUDA graphs: needs CUDA")
