@@ -49,6 +49,7 @@ class LanternSettings:
     neighbours: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)  # (V, k) int64
     drafter_config: dict | None = dataclasses.field(default=None, init=False, repr=False)
     checked_model: int | None = dataclasses.field(default=None, init=False, repr=False)
+    verifier: tuple | None = dataclasses.field(default=None, init=False, repr=False)  # (key, verify) of the last call
 
     def __post_init__(self):
         if self.tree not in TREES:
@@ -107,6 +108,14 @@ def check_pairing_once(settings: LanternSettings, model) -> None:
         settings.checked_model = id(model)
 
 
+def verifier_once(settings: LanternSettings, vocab: int) -> Callable:
+    """The settings' verifier, built (and its neighbour table validated, with host reads) once per table and rule."""
+    key = (id(settings.neighbours), vocab, tuple(settings.rule().items()), settings.target)
+    if settings.verifier is None or settings.verifier[0] != key:
+        settings.verifier = (key, lantern_verifier(settings.neighbours, vocab, settings.rule(), settings.target))
+    return settings.verifier[1]
+
+
 def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: str = "mixture") -> Callable:
     """The relaxed acceptance as ``verify(p, q, x, u) -> (accept (B,) bool, residual (B, V), tv (B,))``: p, q (B, V),
     x, u (B,); tv = TV(p, T), T the relaxed target the step samples exactly (0 when exact). nbrs None or k = 0:
@@ -114,9 +123,13 @@ def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: 
     if nbrs is None:
         nbrs = torch.zeros(vocab, 0, dtype=torch.long)
     validate_neighbours(nbrs)
+    on_device = {nbrs.device: nbrs}  # the table on each device it met (one upload per device, not per call)
 
     def verify(p, q, x, u):
-        verdict = lantern_verify(p, q, x, u, nbrs.to(p.device), target=target, **rule)
+        table = on_device.get(p.device)
+        if table is None:
+            table = on_device.setdefault(p.device, nbrs.to(p.device))
+        verdict = lantern_verify(p, q, x, u, table, target=target, **rule)
         return verdict.accept, verdict.residual, 0.5 * (verdict.target - p).abs().sum(-1)
     return verify
 
@@ -446,7 +459,7 @@ def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settin
         raise ValueError("decoding=lantern: the draft head is not loaded; pass decoding.drafter_ckpt and call "
                          "get_decoder('lantern').prepare(settings, run_config, device) first (sample.py does)")
     check_pairing_once(settings, model)
-    verify = lantern_verifier(settings.neighbours, model.vocab_size, settings.rule(), settings.target)
+    verify = verifier_once(settings, model.vocab_size)
     settings.drafter.eval()
     return speculative_generate(model, settings.drafter, cond, sampling, verify, settings.depth, generator,
                                 settings.tree, settings.branching)
