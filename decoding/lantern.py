@@ -311,7 +311,7 @@ class DraftTree:
         return anc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tree(depth: int, tree: str, branching: tuple) -> DraftTree:
     """The draft tree of a setting (chain: one node per depth; static: ``branching`` children per node per depth)."""
     counts = [1] * depth if tree == "chain" else list(branching)
@@ -327,7 +327,7 @@ def _tree(depth: int, tree: str, branching: tuple) -> DraftTree:
     return DraftTree(tuple(parent), tuple(node_depth))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tree_tensors(topo: DraftTree, device: torch.device) -> dict:
     """The tree's index tensors on a device, uploaded once per (tree, device): input_depth (N+1,) token offset of
     each input from n, input_slot (N+1,) its slot offset from n (t0 at 1, node j at 2 + j), ancestors (N+1, N+1) bool,
@@ -352,7 +352,7 @@ def _tree_mask(n: torch.Tensor, slots: torch.Tensor, ancestors: torch.Tensor, T:
     return base | tree
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _arange(T: int, device: torch.device) -> torch.Tensor:
     """arange(T) on a device, built once (the slot ids of a tree mask)."""
     return torch.arange(T, device=device)
@@ -376,7 +376,7 @@ def _draft(model, drafter, feats, tokens, n, topo: DraftTree, B, R, sampling, gu
     predict their children. Each row runs depth head steps of at most depth+1 inputs, none over the prefix.
     The topology is read from the host lists of ``topo`` (no host read of a device value).
     """
-    N, dev, L, Bp, depth = topo.N, feats.device, model.block_size, feats.shape[0], topo.depth
+    N, dev, L, depth = topo.N, feats.device, model.block_size, topo.depth
     ix = _tree_tensors(topo, dev)
     x = torch.zeros(B, N, dtype=torch.long, device=dev)
     q = torch.zeros(B, N, model.vocab_size, device=dev)
