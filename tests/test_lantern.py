@@ -106,8 +106,8 @@ def test_tree_verification_equals_branches_and_cache_equals_prefill():
     path at per-row lengths the cache equals a fresh prefill of the kept tokens."""
     model, _ = toy(V=16, L=16, dim=32, depth=2)
     B, depth, branching = 3, 3, (2, 2, 1)
-    nodes, parent, ndepth = _tree(depth, "static", branching)
-    N = len(nodes)
+    topo = _tree(depth, "static", branching)
+    N, parent = topo.N, topo.parent
     cond = torch.tensor([0, 1, 2])
     prefix = torch.randint(0, 16, (B, 16))
     n = torch.tensor([0, 4, 9])  # rows at different lengths
@@ -116,7 +116,7 @@ def test_tree_verification_equals_branches_and_cache_equals_prefill():
     model.rollback(n + 1)
     t0 = prefix[torch.arange(B), n]
     x = torch.randint(0, 16, (B, N))
-    lg, _, _, slots = tree_step(model, n, t0, x, parent, ndepth)  # (B, N+1, V)
+    lg, _, _, slots = tree_step(model, n, t0, x, topo)  # (B, N+1, V)
 
     def branch(b, j):  # tokens of row b up to and including input j (0 = t0)
         chain = []
@@ -234,12 +234,13 @@ class Oracle(torch.nn.Module):
         return target.head(predicted).float()
 
 
-def draft_uncached(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator):
+def draft_uncached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator):
     """The reference drafter: the head over each node's whole history (per-path copies), no cache."""
+    parent, node_depth = torch.tensor(topo.parent), torch.tensor(topo.node_depth)
     N, L, Bp = parent.shape[0], model.block_size, feats.shape[0]
     x = torch.zeros(B, N, dtype=torch.long)
     q = torch.zeros(B, N, model.vocab_size)
-    hist = {-1: (feats.clone(), tokens.clone())}
+    hist = {-1: (feats[:, :L + 1].clone(), tokens[:, :L + 1].clone())}  # F[:, i], token i for i <= L
     ar = torch.arange(Bp)
     for d in range(1, int(node_depth.max()) + 1):
         for par in sorted({int(parent[j]) for j in range(N) if int(node_depth[j]) == d}):
@@ -277,15 +278,14 @@ def test_cached_drafting_equals_uncached(tree, branching, monkeypatch):
     cond = torch.arange(NC).repeat(2)
     cached, calls = lantern._draft, []
 
-    def both(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator):
+    def both(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator):
         state = generator.get_state()
-        x, q = cached(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided, generator)
+        x, q = cached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator)
         after = generator.get_state()
         generator.set_state(state)
-        xr, qr = draft_uncached(model, drafter, feats, tokens, n, parent, node_depth, B, R, sampling, guided,
-                                generator)
+        xr, qr = draft_uncached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator)
         assert torch.equal(generator.get_state(), after)
-        valid = (n[:, None] + node_depth[None] <= L_ - 1)  # (B, N) nodes inside the image
+        valid = (n[:, None] + torch.tensor(topo.node_depth)[None] <= L_ - 1)  # (B, N) nodes inside the image
         assert torch.equal(x[valid], xr[valid])
         torch.testing.assert_close(q[valid], qr[valid], atol=1e-5, rtol=1e-5)
         calls.append(int(valid.sum()))
