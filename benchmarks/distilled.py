@@ -123,11 +123,13 @@ def main() -> None:
             "train_minutes": metrics["train_seconds"] / 60, "flow_steps": d["flow"]["steps"], "splits": d["splits"],
             "threads": args.threads}
     print("student cost:", cost, flush=True)
-    print(f"\n| method | forward passes | latency ratio b1 | latency ratio b16 | FID-{args.fid_samples} |\n|---|---|---|---|---|")
-    for r in rows:
-        lat = [f"{r[k][0]:.1f}x [{r[k][1]:.1f}-{r[k][2]:.1f}]" if k in r else "1" for k in
-               ("latency_ratio_b1", "latency_ratio_b16")]
-        print(f"| {r['method']} | {r['forward_passes']} | {lat[0]} | {lat[1]} | {r.get('fid', float('nan')):.2f} |")
+    heads = "".join(f" latency ratio b{b} |" for b in args.batches)
+    print(f"\n| method | forward passes |{heads} FID-{args.fid_samples} |\n|---|---|{'---|' * len(args.batches)}---|")
+    for r in rows:  # the teacher's own ratio is 1; a value not measured (--no-fid) is "-"
+        lat = [f"{r[k][0]:.1f}x [{r[k][1]:.1f}-{r[k][2]:.1f}]" if k in r else "1" if r["method"] == "teacher ar"
+               else "-" for k in (f"latency_ratio_b{b}" for b in args.batches)]
+        fid = f"{r['fid']:.2f}" if "fid" in r else "-"
+        print(f"| {r['method']} | {r['forward_passes']} | {' | '.join(lat)} | {fid} |")
     if ar_fids:
         print(f"teacher ar FID-{args.fid_samples} over seeds {args.fid_seeds}: {', '.join(f'{f:.2f}' for f in ar_fids)}")
     if args.json:
