@@ -2,6 +2,8 @@
 
     python benchmarks/distilled.py --ckpt outputs/dd_bench/distill [--no-fid] [--teacher-from 16 24]
     python benchmarks/distilled.py --ckpt <distill run of a VAR> --teacher-from 2 3 --ar-fids 77.67 76.84
+    python benchmarks/distilled.py --ckpt <copied run> --teacher <copied teacher> --tokenizer <copied tokenizer> \
+        --device cuda --no-fid --rounds 11     # a GPU machine: runs moved there are hash-checked, not path-checked
 
 Rows: the teacher's ``ar``; the student's ``distilled`` at steps=1, steps=2, and steps=2 with the teacher decoding
 positions (a VAR student: scales) teacher_from..split-1 (one row per --teacher-from; default split/2 and 3 split/4).
@@ -68,6 +70,12 @@ def main() -> None:
                              "(not recomputed)")
     parser.add_argument("--no-fid", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both models run (fp32; CUDA timings are synchronised around every call)")
+    parser.add_argument("--teacher", default=None,
+                        help="the teacher run if it moved (hash-checked); default the path the distill run recorded")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the tokenizer run if it moved (hash-checked); default the recorded path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -78,10 +86,13 @@ def main() -> None:
     from utils.runs import load_generator
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    student, tokenizer, config = load_generator(args.ckpt, device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible here; run with --device cpu")
+    device = torch.device(args.device)
+    student, tokenizer, config = load_generator(args.ckpt, device, args.tokenizer)
     d = config["distill"]
-    teacher, _, tconfig, _ = load_teacher(d["teacher"]["path"], device, d["teacher"]["hash"])
+    teacher, _, tconfig, _ = load_teacher(args.teacher or d["teacher"]["path"], device, d["teacher"]["hash"],
+                                          args.tokenizer)
     sampling = sampling_config(config["generator"]["sampling"])
     split = max(student.splits)
     ar, dd = get_decoder("ar"), get_decoder("distilled")
@@ -91,7 +102,7 @@ def main() -> None:
         settings = dd.parse_settings({"steps": 2, "teacher_from": s, "flow_steps": d["flow"]["steps"]})
         settings.teacher = teacher
         methods.append((f"DD teacher {s}..{split - 1}", dd, settings))
-    labels = torch.arange(16) % config["data"]["num_classes"]
+    labels = (torch.arange(max(args.batches)) % config["data"]["num_classes"]).to(device)
     ar_fids = list(args.ar_fids or [])
     if not args.no_fid and not ar_fids:
         for seed in args.fid_seeds:
@@ -118,16 +129,19 @@ def main() -> None:
     metrics_file = Path(args.ckpt) / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"steps": None,
                                                                                   "train_seconds": float("nan")}
-    pairs = pairs_seconds(d["pairs"]["folder"], d["pairs"]["num_pairs"])
+    folder = Path(d["pairs"]["folder"])  # not copied along with a moved run: its cost is then unknown
+    pairs = pairs_seconds(folder, d["pairs"]["num_pairs"]) if folder.exists() else float("nan")
     cost = {"pairs": d["pairs"]["num_pairs"], "pairs_minutes": pairs / 60, "train_steps": metrics["steps"],
             "train_minutes": metrics["train_seconds"] / 60, "flow_steps": d["flow"]["steps"], "splits": d["splits"],
-            "threads": args.threads}
+            "threads": args.threads, "device": args.device}
     print("student cost:", cost, flush=True)
-    print(f"\n| method | forward passes | latency ratio b1 | latency ratio b16 | FID-{args.fid_samples} |\n|---|---|---|---|---|")
-    for r in rows:
-        lat = [f"{r[k][0]:.1f}x [{r[k][1]:.1f}-{r[k][2]:.1f}]" if k in r else "1" for k in
-               ("latency_ratio_b1", "latency_ratio_b16")]
-        print(f"| {r['method']} | {r['forward_passes']} | {lat[0]} | {lat[1]} | {r.get('fid', float('nan')):.2f} |")
+    heads = "".join(f" latency ratio b{b} |" for b in args.batches)
+    print(f"\n| method | forward passes |{heads} FID-{args.fid_samples} |\n|---|---|{'---|' * len(args.batches)}---|")
+    for r in rows:  # the teacher's own ratio is 1; a value not measured (--no-fid) is "-"
+        lat = [f"{r[k][0]:.1f}x [{r[k][1]:.1f}-{r[k][2]:.1f}]" if k in r else "1" if r["method"] == "teacher ar"
+               else "-" for k in (f"latency_ratio_b{b}" for b in args.batches)]
+        fid = f"{r['fid']:.2f}" if "fid" in r else "-"
+        print(f"| {r['method']} | {r['forward_passes']} | {' | '.join(lat)} | {fid} |")
     if ar_fids:
         print(f"teacher ar FID-{args.fid_samples} over seeds {args.fid_seeds}: {', '.join(f'{f:.2f}' for f in ar_fids)}")
     if args.json:

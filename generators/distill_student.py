@@ -220,15 +220,17 @@ def teacher_hash(path) -> str:
     return h.hexdigest()
 
 
-def load_teacher(path, device, expected_hash: str | None = None):
-    """(teacher GPT or VAR in eval mode, tokenizer, config, hash) from a generator run folder or .ckpt; hash-checked if given."""
+def load_teacher(path, device, expected_hash: str | None = None, tokenizer_path: str | None = None):
+    """(teacher GPT or VAR in eval mode, tokenizer, config, hash) from a generator run folder or .ckpt; hash-checked if given.
+
+    tokenizer_path: the teacher's tokenizer run if it moved (its hash must still match); None = the recorded path."""
     from utils.runs import load_generator
 
     digest = teacher_hash(path)
     if expected_hash is not None and digest != expected_hash:
         raise CheckpointError(f"the teacher run {path} changed since the student was distilled from it (hash "
                               f"{expected_hash[:12]}, now {digest[:12]}); restore it or distil again")
-    teacher, tokenizer, config = load_generator(path, device)
+    teacher, tokenizer, config = load_generator(path, device, tokenizer_path)
     if getattr(teacher, "kind", None) not in TEACHER_MAPS:
         raise ValueError(f"teacher_ckpt={path} is a {getattr(teacher, 'kind', '?')} run; task=distill distils a "
                          f"{' or '.join(TEACHER_MAPS)}")

@@ -277,3 +277,22 @@ def test_bad_settings_name_the_fix(codes, tmp_path):
     dd.check_same_teacher(ckpt, {"distill": dict(old)})
     with pytest.raises(dd.CheckpointError, match="distill.teacher"):
         dd.check_same_teacher(ckpt, {"distill": dict(old, teacher={"hash": "b" * 64})})
+
+
+def test_load_teacher_from_moved_runs(tmp_path):
+    """A teacher and tokenizer copied elsewhere (a GPU machine) load by hash from their new paths, and only so."""
+    import shutil
+
+    teacher = make_teacher_run(tmp_path)
+    digest = dd.teacher_hash(teacher)
+    moved = tmp_path / "moved"
+    shutil.copytree(teacher, moved / "teacher")
+    shutil.copytree(tmp_path / "fsq", moved / "fsq")
+    shutil.rmtree(teacher)
+    shutil.rmtree(tmp_path / "fsq")
+    model, tokenizer, _, got = dd.load_teacher(moved / "teacher", "cpu", digest, tokenizer_path=str(moved / "fsq"))
+    assert got == digest and model.kind == "gpt" and code_vectors(tokenizer).shape[0] == model.vocab_size
+    with pytest.raises(dd.CheckpointError, match="tokenizer run .* is missing"):  # the recorded path is gone
+        dd.load_teacher(moved / "teacher", "cpu", digest)
+    with pytest.raises(dd.CheckpointError, match="changed since"):
+        dd.load_teacher(moved / "teacher", "cpu", "0" * 64, tokenizer_path=str(moved / "fsq"))
