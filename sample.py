@@ -138,6 +138,9 @@ def sample_generator(cfg: DictConfig, out: Path) -> dict | None:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     out = shared_output_dir(out, world)
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        from utils.heap import keep_freed_memory
+        keep_freed_memory()  # big per-step tensors reuse freed heap pages instead of faulting in fresh ones
     decoder = get_decoder(cfg.decoding.name)
     settings = decoder.parse_settings(cfg.decoding)  # a misspelled decoding.* key fails here
     model, tokenizer, config = load_generator(cfg.ckpt, device, cfg.get("tokenizer_ckpt"))

@@ -261,6 +261,7 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
     """Per model: the new sampler (A) against the previous full-sort one (B), alternating over ``rounds``;
     the share of time outside the forward passes, forward GFLOP/s against a matmul peak of the same round."""
     import contextlib
+    import resource
 
     import decoding.ar
     import generators.var
@@ -288,7 +289,7 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
         flops = forward_flops(model, labels, LIMIT_SAMPLING, msvq)
         timer = ForwardTimer(model, torch.device("cpu"))
         per = {k: {"total": [], "outside": [], "forward": []} for k in samplers}
-        ratio, fwd_ratio, frac_peak, peaks, same_tokens = [], [], [], [], True
+        ratio, fwd_ratio, frac_peak, peaks, faults, same_tokens = [], [], [], [], [], True
         try:
             for k, fn in samplers.items():  # warm-up
                 use(fn)
@@ -301,10 +302,13 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
                 for k in order:
                     use(samplers[k])
                     timer.seconds = 0.0
+                    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     with forwards[k]():
                         t0 = time.perf_counter()
                         out, _ = generate(model, labels, LIMIT_SAMPLING, torch.Generator().manual_seed(r), msvq)
                         total = time.perf_counter() - t0
+                    if k == "new":
+                        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
                     tokens[k] = tokens_of(out)
                     per[k]["total"].append(total)
                     per[k]["outside"].append(1 - timer.seconds / total)
@@ -334,7 +338,7 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
                      "frac_peak_prev": tuple(f(flops / t / 1e9 / p for t, p in zip(per["prev_fwd"]["forward"], peaks))
                                              for f in (med, min, max)),
                      "frac_peak": (med(frac_peak), min(frac_peak), max(frac_peak)),
-                     "gflops": med(frac_peak) * med(peaks)})
+                     "gflops": med(frac_peak) * med(peaks), "faults": med(faults)})
     return rows, limit_table(rows, batch, vocab)
 
 
@@ -346,12 +350,13 @@ def limit_table(rows: list[dict], batch: int, vocab: int) -> str:
     lines = [f"| model (batch {batch}, V {vocab}) | params | forward GFLOP / generate | outside forward passes, new "
              "sampler | outside, previous sampler | sampling speed-up new / previous | forward GFLOP/s | matmul "
              "peak GFLOP/s | forward / peak | previous forward / peak | forward speed-up new / previous | same "
-             "tokens as the previous forward |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens as the previous forward | page faults / generate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.0f} | {rng(r['outside_new'], True)} | "
                      f"{rng(r['outside_old'], True)} | {rng(r['speedup'])} | {r['gflops']:.1f} | {r['peak']:.1f} | "
                      f"{rng(r['frac_peak'], True)} | {rng(r['frac_peak_prev'], True)} | {rng(r['fwd_speedup'])} | "
-                     f"{'yes' if r['same_tokens'] else 'no'} |")
+                     f"{'yes' if r['same_tokens'] else 'no'} | {r['faults']:.0f} |")
     return "\n".join(lines)
 
 
@@ -392,6 +397,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="--hardware-limit: alternating A/B rounds")
     parser.add_argument("--vocab", type=int, default=4096, help="--hardware-limit: codebook size")
     parser.add_argument("--models", nargs="*", default=None, help="--hardware-limit: VAR-d6 and/or GPT-d6")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="--hardware-limit: leave glibc malloc as it is (default: utils/heap.keep_freed_memory, "
+                             "as sample.py on CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -432,14 +440,19 @@ def main(argv=None) -> int:
 def hardware_limit_main(args, argv) -> int:
     from benchmarks.common import machine as machine_line, report
 
+    from utils.heap import keep_freed_memory
+
     torch.manual_seed(args.seed)
+    heap = "glibc malloc as it is" if args.default_malloc else (
+        "glibc malloc reusing freed memory (utils/heap.py, as sample.py on CPU)" if keep_freed_memory()
+        else "glibc malloc as it is (not glibc)")
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     rows, text = hardware_limit(args.batch_size, args.rounds, args.vocab, args.models)
     command = "python benchmarks/generators.py " + " ".join(sys.argv[1:] if argv is None else argv)
     section = (f"## Sampling at the hardware limit\n\n`{command.strip()}`, {datetime.date.today().isoformat()}, seed "
                f"{args.seed}, {machine_line()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-               f"fp32, CPU; load average {load:.1f} at start and {os.getloadavg()[0]:.1f} at the end (other jobs "
+               f"fp32, CPU, {heap}; load average {load:.1f} at start and {os.getloadavg()[0]:.1f} at the end (other jobs "
                f"share the machine), wall {time.perf_counter() - t0:.0f} s.\n"
                f"Random weights; VAR-d6 on a {args.vocab}-code msvq with VAR's 256 px scales {list(VAR_SCALES)} "
                f"(680 tokens), GPT-d6 = 6 layers x 384 on a 16x16 grid (256 tokens, LlamaGen blocks); sampling "
@@ -450,7 +463,8 @@ def hardware_limit_main(args, argv) -> int:
                f"same seed); {args.rounds} rounds, median [min–max]. Outside = 1 - "
                f"(time inside prefill/step) / total. Forward GFLOP/s = counted FLOPs (matmuls by FlopCounterMode, "
                f"attention 4 B H N T Dh) / time inside prefill/step; peak = best 1536^3 fp32 matmul measured "
-               f"before and after each round in the same process.\n\n" + text + "\n")
+               f"before and after each round in the same process. Page faults: minor faults (getrusage) during the "
+               f"first arm's generate.\n\n" + text + "\n")
     report(section, args.append)
     return 0
 

@@ -25,6 +25,7 @@ import torch
 
 from decoding.registry import register
 from decoding.sampling import SamplingConfig
+from utils.heap import release_freed_memory
 from utils.timing import synchronize
 
 
@@ -76,10 +77,15 @@ def _stage(sampling: SamplingConfig, settings: CollaborativeSettings, prefix: st
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's max-allocated counter, or on Linux the process's VmHWM (/proc/self/clear_refs)."""
+    """Start a new peak: CUDA's max-allocated counter, or on Linux the process's VmHWM (/proc/self/clear_refs).
+
+    On CPU the freed heap memory is handed back first (sample.py keeps it for reuse: utils/heap.py), so the
+    peak starts from what is live.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (Linux >= 4.0)
             f.write("5")

@@ -68,6 +68,7 @@ def cfg_split_combine(logits: torch.Tensor, scale: float) -> torch.Tensor:
 #################################################################################
 
 PARTITION_BLOCK_BYTES = 4 << 20  # argpartition's int64 scratch per block of rows
+VALUES_ONLY_ON_CPU = True  # sample_from_logits with top-k on CPU: select values only, look the drawn index up
 
 
 def top_candidates(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +109,39 @@ def _sort_descending(vals: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.
     return (high ^ ((high >> 31) & 0x7FFFFFFF)).view(np.float32), keys & 0xFFFFFFFF
 
 
+def top_values(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m largest entries of each row of x (N, V) (CPU), sorted descending, without their indices.
+
+    Returns (values, values) (N, m): the second is the companion ``_widen_ties`` carries (``top_candidates``
+    returns indices there). NumPy's SIMD ``partition`` and float ``sort`` (no indices, no packed keys) cost about
+    half of ``top_candidates``; ``sample_from_logits`` finds the drawn token's index afterwards.
+    """
+    a = x.detach().numpy()
+    n, v = a.shape
+    out = np.empty((n, m), dtype=np.float32)  # (N, m)
+    rows = max(1, PARTITION_BLOCK_BYTES // (4 * v))  # blocks of rows: the partition's copy stays in reused heap
+    for i in range(0, n, rows):
+        part = np.partition(a[i:i + rows], v - m, axis=-1)[:, v - m:] if m < v else a[i:i + rows].copy()
+        part.sort(axis=-1)  # ascending
+        out[i:i + rows] = part[:, ::-1]
+    vals = torch.from_numpy(out)
+    return vals, vals
+
+
+def _nth_match(x: torch.Tensor, value: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Per row of x (N, V): the index of the rank-th (0-based) entry equal to value (N, 1) -> (N,) int64."""
+    a, val, rk = x.detach().numpy(), value.numpy(), rank.view(-1).numpy()
+    n, v = a.shape
+    out = np.empty(n, dtype=np.int64)
+    rows = max(1, PARTITION_BLOCK_BYTES // v)
+    for i in range(0, n, rows):
+        eq = a[i:i + rows] == val[i:i + rows]  # (r, V) bool
+        out[i:i + rows] = eq.argmax(-1)  # the first match
+        for j in np.flatnonzero(rk[i:i + rows]):  # a tie drawn past its first entry (rare)
+            out[i + j] = np.flatnonzero(eq[j])[rk[i + j]]
+    return torch.from_numpy(out)
+
+
 def _top_p_keep(vals: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
     """Sorted candidate logits and their probabilities (N, m) -> bool (N, m): kept by the nucleus rule.
 
@@ -132,11 +166,33 @@ def _top_p_keep(vals: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tens
     return keep
 
 
-def _widen_ties(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, temperature: float):
+def _top_p_count(vals: torch.Tensor, probs: torch.Tensor, cdf: torch.Tensor, p: float) -> torch.Tensor:
+    """The length (N, 1) of the prefix ``_top_p_keep`` keeps, without its per-entry tie pass.
+
+    Entries whose own mass before them is < p, then the run of equal logits across the boundary made whole
+    (its first entry had less than p before it); runs elsewhere never change the kept set.
+    """
+    below = (cdf - probs) < p  # (N, m)
+    if below.device.type == "cpu":
+        count = torch.from_numpy(np.count_nonzero(below.numpy(), axis=-1)).view(-1, 1)  # SIMD popcount
+    else:
+        count = below.sum(-1, keepdim=True)
+    count = count.clamp(1, vals.shape[-1])  # the top-1 always stays
+    nxt = count.clamp_max(vals.shape[-1] - 1)
+    straddle = (count < vals.shape[-1]) & (vals.gather(-1, nxt) == vals.gather(-1, count - 1))
+    rows = straddle.view(-1).nonzero().squeeze(1)
+    if rows.numel():
+        count[rows] = (vals[rows] >= vals[rows].gather(-1, count[rows] - 1)).sum(-1, keepdim=True)
+    return count
+
+
+def _widen_ties(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, temperature: float,
+                select=top_candidates):
     """Rows whose k-th and (k+1)-th candidates tie may hold more tied logits beyond the list: re-select them.
 
-    x (N, V) raw logits; vals (N, m) scaled candidates (m > k). Returns (vals, idx), padded with -inf and
-    index 0 where a row needs fewer than the widest row.
+    x (N, V) raw logits; vals (N, m) scaled candidates (m > k); idx (N, m) their companion from ``select``
+    (``top_candidates``: vocabulary indices; ``top_values``: the unscaled values). Returns (vals, idx), padded
+    with -inf (and index 0, or -inf for values) where a row needs fewer than the widest row.
     """
     tie = vals[:, k] == vals[:, k - 1]
     if not bool(tie.any()):
@@ -148,8 +204,9 @@ def _widen_ties(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, 
     if m > vals.shape[-1]:
         pad = m - vals.shape[-1]
         vals = torch.cat([vals, vals.new_full((vals.shape[0], pad), float("-inf"))], dim=-1)
-        idx = torch.cat([idx, idx.new_zeros(idx.shape[0], pad)], dim=-1)
-    wide_vals, wide_idx = top_candidates(x[rows], m)
+        fill = float("-inf") if idx.is_floating_point() else 0
+        idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), fill)], dim=-1)
+    wide_vals, wide_idx = select(x[rows], m)
     vals[rows, :m], idx[rows, :m] = _scale(wide_vals, temperature), wide_idx
     return vals, idx
 
@@ -167,21 +224,30 @@ def nucleus(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_
     """
     x = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
     n, v = x.shape
-    k = top_k if 0 < top_k < v else 0
-    if k:
-        # 1. top-k: the k+1 largest (the extra one shows whether the k-th value ties beyond the list)
-        vals, idx = top_candidates(x, min(k + 1, v))
-        vals, idx = _widen_ties(x, _scale(vals, temperature), idx, k, temperature)
-        vals = vals.masked_fill(vals < vals[:, k - 1:k], float("-inf"))
-        if top_p >= 1.0:
-            return vals, idx
-        # 2. top-p on the survivors' renormalised probabilities
-        keep = _top_p_keep(vals, vals.softmax(-1), top_p)
-        return vals.masked_fill(~keep, float("-inf")), idx
+    if 0 < top_k < v:
+        vals, idx = _top_k_list(x, temperature, top_k, top_candidates)
+        if top_p < 1.0:  # top-p on the survivors' renormalised probabilities
+            vals = vals.masked_fill(~_top_p_keep(vals, vals.softmax(-1), top_p), float("-inf"))
+        return vals, idx
     if top_p >= 1.0:
         idx = torch.arange(v, device=x.device).expand(n, v)
         return _scale(x, temperature), idx
     return _nucleus_only(x, temperature, top_p)
+
+
+def _top_k_list(x: torch.Tensor, temperature: float, k: int, select):
+    """Top-k of x (N, V), 0 < k < V -> (vals (N, m), companion (N, m)), sorted descending and scaled.
+
+    m > k: the k largest and every logit tied with the k-th, -inf after them; the companion is ``select``'s
+    (see ``_widen_ties``).
+    """
+    vals, idx = select(x, min(k + 1, x.shape[-1]))  # the extra one shows whether the k-th value ties beyond the list
+    vals, idx = _widen_ties(x, _scale(vals, temperature), idx, k, temperature, select)
+    # sorted: the first k stay; past them only values equal to the k-th. In place on the short tail of the
+    # list ``select`` made (fresh; where it also holds the companion, the tail's dropped values are never read)
+    tail = vals[:, k:]  # (N, m - k)
+    tail.masked_fill_(tail < vals[:, k - 1:k], float("-inf"))
+    return vals, idx
 
 
 def _nucleus_only(x: torch.Tensor, temperature: float, top_p: float):
@@ -251,13 +317,41 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
     """Draw one token per row: logits (..., V) -> (...) int64. temperature <= 0 (or top_k == 1) is argmax."""
     if temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
-    vals, idx = nucleus(logits, temperature, top_k, top_p)
-    probs = vals.softmax(-1)  # (N, m) over the candidates, largest first
-    # Inverse-CDF draw over the sorted candidates: one uniform per row against the cumulative probabilities.
-    # Exact, and 14-19x faster than torch.multinomial on CPU (benchmarks/RESULTS.md, "Generators").
-    cdf = probs.cumsum(-1)  # (N, m)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    pos = torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[-1] - 1)  # (N, 1)
+    v = logits.shape[-1]
+    x = logits.float().reshape(-1, v)  # (N, V)
+    values_only = VALUES_ONLY_ON_CPU and x.device.type == "cpu" and 0 < top_k < v
+    if 0 < top_k < v:
+        vals, comp = _top_k_list(x, temperature, top_k, top_values if values_only else top_candidates)
+        pos = _draw(vals, top_p, generator)  # (N, 1)
+    else:
+        vals, comp = nucleus(x, temperature, 0, top_p)  # top-p alone: the list is already cut
+        pos = _draw(vals, 1.0, generator)
+    if not values_only:
+        return comp.gather(-1, pos).view(logits.shape[:-1])
+    # comp holds the candidates' unscaled logits: look up the drawn one's index. Equal logits sit in index
+    # order in the indexed list, so the draw's rank inside its run of equal values picks the same token.
+    drawn = comp.gather(-1, pos)  # (N, 1)
+    rank = torch.zeros_like(pos)
+    tied = ((pos > 0) & (comp.gather(-1, (pos - 1).clamp_min(0)) == drawn)).view(-1).nonzero().squeeze(1)
+    if tied.numel():  # rare: count the equal values before the draw
+        rank[tied] = pos[tied] - (comp[tied] > drawn[tied]).sum(-1, keepdim=True)
+    return _nth_match(x, drawn, rank).view(logits.shape[:-1])
+
+
+def _draw(vals: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Candidate logits (N, m), largest first (-inf = dropped), top-p still to apply -> the drawn position (N, 1).
+
+    Inverse-CDF draw over the sorted candidates: one uniform per row times the kept mass, against the cumulative
+    probabilities (top-p keeps a prefix, so they serve both). Exact, and 14-19x faster than torch.multinomial on
+    CPU (benchmarks/RESULTS.md, "Generators").
+    """
+    probs = vals.softmax(-1)  # (N, m)
+    cdf = probs.cumsum(-1)
+    if top_p < 1.0:
+        total = cdf.gather(-1, _top_p_count(vals, probs, cdf, top_p) - 1)  # (N, 1) the kept mass
+    else:
+        total = cdf[:, -1:].contiguous()
+    u = torch.rand(vals.shape[0], 1, generator=generator, device=vals.device, dtype=cdf.dtype) * total
+    pos = torch.searchsorted(cdf, u, right=True)  # (N, 1)
     # rounding can land u on the total; step back to the last kept candidate (where the cdf first reaches it)
-    pos = torch.minimum(pos, torch.searchsorted(cdf, cdf[:, -1:].contiguous()))
-    return idx.gather(-1, pos).view(logits.shape[:-1])
+    return torch.minimum(pos, torch.searchsorted(cdf, total))

@@ -66,6 +66,13 @@ HEAP_CHUNK_BYTES = 16 << 20
 ROW_BLOCK = 256  # chunks of a multiple of 256 rows gave bitwise the unchunked GEMM (MKL, AVX2); tests hold 1e-5
 
 
+# oneDNN's linear with GELU(tanh) fused as a post-op (the kernel inductor emits for CPU inference): the GELU costs
+# a fraction of ATen's separate gelu_ pass (VAR-d6 batch 16: forward 1.10x faster; benchmarks/RESULTS.md).
+# None where this torch build has no oneDNN.
+LINEAR_GELU = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+               if torch.backends.mkldnn.is_available() else None)
+
+
 def cpu_inference(x: torch.Tensor) -> bool:
     """True for a CPU tensor outside autograd and autocast: the buffer-saving inference paths apply."""
     return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
@@ -86,14 +93,19 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not cpu_inference(x):
             return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
-        # CPU inference: rows in chunks whose hidden activation stays in reused heap memory, GELU in place
+        # CPU inference: rows in chunks whose hidden activation stays in reused heap memory, GELU fused into fc1
+        # (oneDNN) or in place
         flat = x.reshape(-1, x.shape[-1])  # (M, D)
         rows = HEAP_CHUNK_BYTES // (self.fc1.out_features * x.element_size())
         rows = max(ROW_BLOCK, rows - rows % ROW_BLOCK)  # whole GEMM row blocks: the same sums as one product
         out = flat.new_empty(flat.shape[0], self.fc2.out_features)  # (M, D_out)
+        fused = LINEAR_GELU is not None and x.dtype == torch.float32
         for i in range(0, flat.shape[0], rows):
-            h = self.fc1(flat[i:i + rows])  # (m, hidden)
-            torch.ops.aten.gelu_(h, approximate="tanh")
+            if fused:  # fc1 and GELU in one oneDNN call
+                h = LINEAR_GELU(flat[i:i + rows], self.fc1.weight, self.fc1.bias, "gelu", [], "tanh")  # (m, hidden)
+            else:
+                h = self.fc1(flat[i:i + rows])  # (m, hidden)
+                torch.ops.aten.gelu_(h, approximate="tanh")
             if self.fc2.bias is None:
                 torch.mm(h, self.fc2.weight.t(), out=out[i:i + rows])
             else:

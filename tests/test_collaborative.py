@@ -203,3 +203,22 @@ def test_cpu_peak_memory_is_the_peak_since_the_reset():
     reset_peak_memory(cpu)
     assert after - before > 200  # the buffer made after the reset counts
     assert peak_memory_mb(cpu) < after - 200  # and a reset after freeing it forgets it (negative control)
+
+
+def test_cpu_peak_memory_after_keep_freed_memory():
+    """With sample.py's heap setting the freed pages stay with the process; the reset hands them back first,
+    so the peak still counts only what sampling allocates after it (fresh interpreter: the setting is global)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import torch\nfrom utils.heap import keep_freed_memory\n"
+              "from decoding.collaborative import peak_memory_mb, reset_peak_memory\n"
+              "keep_freed_memory()\ncpu = torch.device('cpu')\n"
+              "big = torch.ones(64 * 2 ** 20); del big\nreset_peak_memory(cpu); before = peak_memory_mb(cpu)\n"
+              "big = torch.ones(64 * 2 ** 20); after = peak_memory_mb(cpu); del big\n"
+              "reset_peak_memory(cpu)\nprint(after - before, after - peak_memory_mb(cpu))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).parents[1]))
+    grown, released = map(float, out.stdout.split())
+    assert grown > 200 and released > 200  # 256 MiB counted after the reset, and forgotten after the next one

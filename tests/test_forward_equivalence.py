@@ -1,7 +1,7 @@
 """The CPU-inference forward paths (generators/layers.py, generators/var.py) against the forward they replaced.
 
 ``ref_*`` below is a verbatim copy of the previous Mlp / qkv projection / VAR block forward. The new paths
-(FFN rows in chunks with GELU in place, q/k/v as three products when the fused output would exceed glibc's
+(FFN rows in chunks with GELU fused into fc1 by oneDNN or in place, q/k/v as three products when the fused output would exceed glibc's
 mmap threshold, AdaLN modulation and gated residuals in place on fresh tensors) must give the same outputs within
 1e-5 (relative and absolute) and, through VAR's sampler, the same tokens for the same seed. The thresholds are lowered in the tests
 so that tiny models take every new branch. ``reference_forward()`` swaps the old forward back in
@@ -75,7 +75,13 @@ def _perturbed(module, scale=0.3, seed=0):
 
 # -- the pieces --------------------------------------------------------------------------------
 
-def test_chunked_ffn_matches_the_plain_ffn(small_thresholds):
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_ffn_matches_the_plain_ffn(small_thresholds, monkeypatch, fused):
+    """Both CPU-inference FFNs: fc1 + GELU(tanh) fused in oneDNN, and fc1 then an in-place gelu_."""
+    if fused:
+        assert layers.LINEAR_GELU is not None, "this torch build has no oneDNN linear: the fused FFN is untested"
+    else:
+        monkeypatch.setattr(layers, "LINEAR_GELU", None)
     mlp = _perturbed(Mlp(16, 64))
     x = torch.randn(3, 11, 16)  # 33 rows -> chunks of 7
     with torch.no_grad():

@@ -250,9 +250,11 @@ def test_seeded_draws_are_reproducible_and_inverse_cdf():
     b = sample_from_logits(logits, 1.0, 50, 0.9, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     u = torch.rand(45, 1, generator=torch.Generator().manual_seed(7))
-    vals, idx = nucleus(logits, 1.0, 50, 0.9)
+    vals, idx = nucleus(logits, 1.0, 50, 0.9)  # kept candidates sorted by logit, dropped ones -inf
     cdf = vals.softmax(-1).cumsum(-1)
     expected = idx.gather(-1, (cdf <= u * cdf[:, -1:]).sum(-1, keepdim=True))
+    # the sampler renormalises differently (u times the kept mass of the top-k list), equal up to rounding;
+    # with these fixed seeds no draw sits on a rounding boundary
     assert torch.equal(a.flatten(), expected.flatten())
 
 
@@ -262,3 +264,72 @@ def test_a_uniform_rounding_onto_the_total_steps_back_onto_the_support(monkeypat
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
     token = sample_from_logits(logits, 1.0, 3, 1.0)  # kept {0, 1, 2}; u == total
     assert token.item() == 2
+
+
+# -- the values-only draw (CPU, top-k on) against the draw over indexed candidates ----------------------
+
+def indexed_draw(logits, temperature, top_k, top_p, generator):
+    """The draw over (values, indices) candidates, the path sample_from_logits takes off the CPU."""
+    import decoding.sampling
+    saved, decoding.sampling.VALUES_ONLY_ON_CPU = decoding.sampling.VALUES_ONLY_ON_CPU, False
+    try:
+        return sample_from_logits(logits, temperature, top_k, top_p, generator)
+    finally:
+        decoding.sampling.VALUES_ONLY_ON_CPU = saved
+
+
+def tied_logits(g, rows=256, v=300, levels=7):
+    """Integer logits from a small range: long runs of equal values at every rank, k-th and top-p boundaries."""
+    return torch.randint(0, levels, (rows, v), generator=g).float()
+
+
+@pytest.mark.parametrize("block_rows", [None, 3])
+@pytest.mark.parametrize("kind, top_k, top_p, temperature", [
+    ("var", 900, 0.96, 1.0), ("gpt", 50, 0.8, 0.7), ("gpt", 300, 1.0, 1.3), ("var", 4095, 0.96, 1.0),
+    ("tied", 40, 0.9, 1.0), ("tied", 7, 1.0, 1.0), ("tied", 100, 0.5, 3.0), ("tied", 299, 0.99, 1.0)])
+def test_values_only_draw_gives_the_indexed_draws_tokens(kind, top_k, top_p, temperature, block_rows, monkeypatch):
+    """Same seed, same tokens: the drawn logit's rank inside its run of equal values picks the same entry
+    (runs sit in index order in the indexed list) -- the tied rows draw past the first entry of a run often."""
+    if block_rows:  # partition and the index lookup over several blocks of rows (the last one short)
+        monkeypatch.setattr("decoding.sampling.PARTITION_BLOCK_BYTES", 4 * V * block_rows)
+    g = torch.Generator().manual_seed(top_k)
+    logits = {"gpt": gpt_logits, "var": var_logits, "tied": tied_logits}[kind](g)
+    for seed in range(3):
+        new = sample_from_logits(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+        ref = indexed_draw(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+        assert new.shape == ref.shape == logits.shape[:-1]
+        assert torch.equal(new, ref)
+
+
+def test_values_only_draw_hits_later_entries_of_tied_runs():
+    """The tied case above is not vacuous: many draws land past the first entry of their run of equal logits."""
+    logits = tied_logits(torch.Generator().manual_seed(0))
+    tokens = sample_from_logits(logits, 1.0, 40, 0.9, torch.Generator().manual_seed(0))
+    drawn = logits.gather(-1, tokens[:, None])
+    first = (logits == drawn).float().argmax(-1)
+    assert (tokens != first).float().mean() > 0.5
+
+
+def test_values_only_draw_with_temperature_ties():
+    """Distinct logits that the temperature merges: the rank counts equal *unscaled* values, as the list orders them."""
+    base = torch.tensor(1.0)
+    row = torch.stack([base + i * torch.finfo(torch.float32).eps for i in range(8)]).flip(0)
+    row = torch.cat([row, -torch.rand(56, generator=torch.Generator().manual_seed(1))]).expand(500, 64)
+    for t in (1.0, 7.0):
+        for k in (2, 6):
+            a = sample_from_logits(row, t, k, 1.0, torch.Generator().manual_seed(3))
+            b = indexed_draw(row, t, k, 1.0, torch.Generator().manual_seed(3))
+            assert torch.equal(a, b), (t, k)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.9, 0.99])
+def test_sampler_top_p_count_is_the_kept_prefix(p):
+    """The sampler's kept-prefix length (one tie check at the boundary) equals the rule's kept set (every run)."""
+    from decoding.sampling import _top_p_count, _top_p_keep
+    logits = torch.randint(0, 6, (400, 40), generator=torch.Generator().manual_seed(int(100 * p))).float()
+    vals = logits.sort(-1, descending=True).values  # long runs of ties, every boundary lands in one
+    probs = vals.softmax(-1)
+    keep = _top_p_keep(vals, probs, p)
+    count = _top_p_count(vals, probs, probs.cumsum(-1), p)
+    assert torch.equal(keep, torch.arange(40) < count)  # a prefix, of that length
+    assert (keep.sum(-1) > (probs.cumsum(-1) - probs < p).sum(-1).clamp_min(1)).any()  # runs were made whole
