@@ -226,6 +226,7 @@ def forward_flops(model, labels, sampling, msvq) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from decoding.ar import generate
+    from generators import layers
 
     attn = [0.0]
     sdpa = F.scaled_dot_product_attention
@@ -248,10 +249,12 @@ def forward_flops(model, labels, sampling, msvq) -> float:
     for name, fn in entry.items():
         setattr(model, name, wrap(fn))
     F.scaled_dot_product_attention = counted
+    fused, layers.LINEAR_GELU = layers.LINEAR_GELU, None  # FlopCounterMode does not see oneDNN's fused fc1 + GELU
     try:
         generate(model, labels, sampling, torch.Generator().manual_seed(0), msvq)
     finally:
         F.scaled_dot_product_attention = sdpa
+        layers.LINEAR_GELU = fused
         for name in entry:
             model.__dict__.pop(name, None)
     return total[0] + attn[0]
