@@ -179,9 +179,12 @@ def _top_p_count(vals: torch.Tensor, probs: torch.Tensor, cdf: torch.Tensor, p: 
         count = below.sum(-1, keepdim=True)
     count = count.clamp(1, vals.shape[-1])  # the top-1 always stays
     nxt = count.clamp_max(vals.shape[-1] - 1)
-    straddle = (count < vals.shape[-1]) & (vals.gather(-1, nxt) == vals.gather(-1, count - 1))
+    straddle = (count < vals.shape[-1]) & (vals.gather(-1, nxt) == vals.gather(-1, count - 1))  # (N, 1)
+    if vals.device.type != "cpu":  # no host sync: every row's run end, used where the run straddles
+        whole = (vals >= vals.gather(-1, count - 1)).sum(-1, keepdim=True)
+        return torch.where(straddle, whole, count)
     rows = straddle.view(-1).nonzero().squeeze(1)
-    if rows.numel():
+    if rows.numel():  # a few rows
         count[rows] = (vals[rows] >= vals[rows].gather(-1, count[rows] - 1)).sum(-1, keepdim=True)
     return count
 

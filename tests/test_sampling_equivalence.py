@@ -333,3 +333,21 @@ def test_sampler_top_p_count_is_the_kept_prefix(p):
     count = _top_p_count(vals, probs, probs.cumsum(-1), p)
     assert torch.equal(keep, torch.arange(40) < count)  # a prefix, of that length
     assert (keep.sum(-1) > (probs.cumsum(-1) - probs < p).sum(-1).clamp_min(1)).any()  # runs were made whole
+
+
+def test_sampler_top_p_count_without_host_sync_branch(monkeypatch):
+    """The branch the sampler takes off the CPU (every row's run end, no nonzero) gives the same counts."""
+    from decoding import sampling
+    logits = torch.randint(0, 6, (400, 40), generator=torch.Generator().manual_seed(9)).float()
+    vals = logits.sort(-1, descending=True).values
+    probs = vals.softmax(-1)
+    cdf = probs.cumsum(-1)
+    host = sampling._top_p_count(vals, probs, cdf, 0.7)
+
+    class Meta(torch.Tensor):  # vals that report a non-CPU device, so the other branch runs on the CPU
+        @property
+        def device(self):
+            return torch.device("meta")
+
+    device_free = sampling._top_p_count(vals.as_subclass(Meta), probs, cdf, 0.7)
+    assert torch.equal(host, device_free.as_subclass(torch.Tensor))
