@@ -99,7 +99,8 @@ class Mlp(nn.Module):
         rows = HEAP_CHUNK_BYTES // (self.fc1.out_features * x.element_size())
         rows = max(ROW_BLOCK, rows - rows % ROW_BLOCK)  # whole GEMM row blocks: the same sums as one product
         out = flat.new_empty(flat.shape[0], self.fc2.out_features)  # (M, D_out)
-        fused = LINEAR_GELU is not None and x.dtype == torch.float32
+        # under torch.compile inductor fuses fc1 and GELU itself (and lowers oneDNN's op only with frozen weights)
+        fused = LINEAR_GELU is not None and x.dtype == torch.float32 and not torch.compiler.is_compiling()
         for i in range(0, flat.shape[0], rows):
             if fused:  # fc1 and GELU in one oneDNN call
                 h = LINEAR_GELU(flat[i:i + rows], self.fc1.weight, self.fc1.bias, "gelu", [], "tanh")  # (m, hidden)
