@@ -6,6 +6,7 @@ without the call: glibc then maps every 64 MB tensor freshly and its pages fault
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 def faults(keep: bool) -> int:
     out = subprocess.run([sys.executable, "-c", SCRIPT, "1" if keep else "0"], capture_output=True, text=True,
-                         check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+                         check=True, cwd=str(Path(__file__).parents[1]))
     return int(out.stdout.strip().splitlines()[-1])
 
 

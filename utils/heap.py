@@ -24,21 +24,25 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 _applied = False
 
 
+def _glibc():
+    """The C library through ctypes where it is glibc on Linux, else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to reuse freed heap memory (see the module docstring) -> True if set (or already set)."""
     global _applied
-    if _applied:
-        return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    # mallopt returns 1 on success
-    _applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    libc = None if _applied else _glibc()
+    if libc is not None:  # mallopt returns 1 on success
+        _applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     return _applied
 
 
 def release_freed_memory() -> None:
     """Hand the freed heap memory back to the system now (glibc ``malloc_trim(0)``), e.g. before measuring a
     peak resident set: with ``keep_freed_memory`` the freed pages would otherwise count in every later peak."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
