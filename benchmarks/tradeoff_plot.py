@@ -1,12 +1,13 @@
 """FID-1k against step compression for every decoding method: the PNG a user picks a setting from.
 
-    python benchmarks/tradeoff_plot.py speed.json fid_*.json --out benchmarks/lantern_tradeoff.png [--table]
+    python benchmarks/tradeoff_plot.py speed.json fid_*.json --out benchmarks/lantern_tradeoff.png [--table] [--save-rows rows.json]
 
 Reads the JSONs ``benchmarks/decoding.py --json`` writes (speed rows from one run, FID rows from one process per
 method: rows with the same method label are merged, later files filling missing fields, and ar's seed FIDs are
 pooled). One labelled point per row that has both a step compression and a FID; ar's seed-to-seed FID range is
 the grey band (and 2x the spread the dashed lines: the targets' tolerance). Drawn with PIL (matplotlib is not a
-dependency). ``--table``: also print the merged markdown table (benchmarks/decoding.py's columns).
+dependency). ``--table``: also print the merged markdown table (benchmarks/decoding.py's columns); ``--save-rows``:
+write the merged rows as one JSON, which redraws the same plot on its own (benchmarks/lantern_tradeoff*.json).
 """
 from __future__ import annotations
 
@@ -56,6 +57,29 @@ def short(method: str) -> str:
     return name + (":" + ",".join(items) if items else "")
 
 
+def label(d, font, text: str, cx: float, cy: float, colour, taken: list, right: float) -> tuple:
+    """Write ``text`` next to the point (cx, cy) at the first nearby spot whose box overlaps no box in ``taken``
+    (right of the point, else left of it, stepping away vertically), joined to the point by a line when moved
+    off it; returns the box used."""
+    l, t, r, b = d.textbbox((0, 0), text, font=font)
+    w, h = r - l, b - t
+
+    def free(box):
+        return box[2] <= right and all(box[2] < o[0] or box[0] > o[2] or box[3] < o[1] or box[1] > o[3] for o in taken)
+
+    for dy in [0] + [s * k * (h + 3) for k in range(1, 12) for s in (-1, 1)]:
+        for x0 in (cx + 9, cx - 9 - w):
+            box = (x0, cy - h / 2 - 2 + dy, x0 + w, cy + h / 2 + 2 + dy)
+            if free(box):
+                if dy:
+                    d.line([cx, cy, x0 if x0 > cx else x0 + w, cy + dy], fill=colour)
+                d.text((x0, box[1] - t + 2), text, fill=colour, font=font)
+                return box
+    box = (cx + 9, cy - h / 2, cx + 9 + w, cy + h / 2)  # nowhere free: beside the point
+    d.text((box[0], box[1] - t), text, fill=colour, font=font)
+    return box
+
+
 def plot(rows: list[dict], ar_fids: dict, out: Path, x_key: str = "sc1", title: str = "") -> int:
     """Draw the PNG; returns the number of points."""
     from PIL import Image, ImageDraw, ImageFont
@@ -103,16 +127,12 @@ def plot(rows: list[dict], ar_fids: dict, out: Path, x_key: str = "sc1", title: 
            font=font)
     d.text((10, mt - 18), "FID-1k (seed 0)", fill="black", font=font)
     d.text((ml + 120, 6), title or "FID-1k against step compression, one point per setting", fill="black", font=font)
-    used = []
+    taken = [(X(xv) - 6, Y(yv) - 6, X(xv) + 6, Y(yv) + 6) for xv, yv, _ in pts]  # boxes labels must avoid
     for xv, yv, m in sorted(pts):
-        name, colour = family(m)
+        _, colour = family(m)
         cx, cy = X(xv), Y(yv)
         d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=colour, outline="black")
-        ty = cy - 14
-        while any(abs(ty - u[1]) < 11 and abs(cx - u[0]) < 150 for u in used):  # keep labels apart
-            ty += 11
-        used.append((cx, ty))
-        d.text((cx + 8, ty), short(m), fill=colour, font=font)
+        taken.append(label(d, font, short(m), cx, cy, colour, taken, W - mr))
     base = H - mb + 68  # rows without a FID: hollow markers under the axes, at their x
     if no_fid:
         d.text((10, base - 16), "no FID-1k run (step compression only):", fill="black", font=font)
@@ -135,15 +155,20 @@ def plot(rows: list[dict], ar_fids: dict, out: Path, x_key: str = "sc1", title: 
     return len(pts) + len(no_fid)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", type=Path, help="result JSONs of benchmarks/decoding.py --json")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/lantern_tradeoff.png"))
     parser.add_argument("--x", default="sc1", help="the step-compression field: sc1 (batch 1) or sc16 (batch 16)")
     parser.add_argument("--title", default="")
     parser.add_argument("--table", action="store_true", help="print the merged markdown table")
-    args = parser.parse_args()
+    parser.add_argument("--save-rows", type=Path, default=None,
+                        help="also write the merged rows as one JSON (commit it beside the PNG: it redraws the plot)")
+    args = parser.parse_args(argv)
     rows, ar_fids = merge(args.json)
+    if args.save_rows:
+        args.save_rows.write_text(json.dumps({"note": "merged by benchmarks/tradeoff_plot.py from " + ", ".join(
+            str(p) for p in args.json), "rows": rows, "ar_fids": ar_fids}, indent=1, ensure_ascii=False))
     n = plot(rows, ar_fids, args.out, args.x, args.title)
     print(f"{args.out}: {n} points")
     if args.table:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.decoding import table, tv_bounds
-from benchmarks.tradeoff_plot import family, merge, plot
+from benchmarks.tradeoff_plot import ROOT, family, label, main, merge, plot
 
 
 def test_merge_plot_and_table(tmp_path):
@@ -35,6 +35,8 @@ def test_merge_plot_and_table(tmp_path):
     assert family("lantern:delta=0")[0] == "draft-head SD (δ=0)" and family("lantern:delta=null,lam=5")[0].startswith("LANTERN++")
     md = table(rows, 1, 16)
     assert "| lantern:delta=0.1,k=100 | 2.60 | 3.00 | 3.00 | – | – | 102.50 | 0.040 (≤ 0.1) | 0.900 (≤ 6.4) |" in md
+    main([str(p) for p in paths] + ["--out", str(tmp_path / "m.png"), "--save-rows", str(tmp_path / "rows.json")])
+    assert merge([tmp_path / "rows.json"]) == (rows, ar_fids)  # the saved rows redraw the same plot
     with pytest.raises(ValueError, match="no row has both"):
         plot([{"method": "ar", "sc1": 1.0}], {}, tmp_path / "q.png")
 
@@ -47,5 +49,36 @@ def test_tv_bounds_only_for_the_delta_rule():
     assert tv_bounds(LanternSettings(delta=0.0), 64) is None and tv_bounds(LanternSettings(delta=0.1, k=0), 64) is None
     assert tv_bounds(LanternSettings(delta=None, lam=5), 64) is None
     assert tv_bounds(LanternSettings(delta=0.1, target="pointwise"), 64) is None
+    assert tv_bounds(LanternSettings(delta=0.1, target="pointwise", draft="greedy"), 64) == (0.1, 6.4)
     assert tv_bounds(SjdSettings(relax="lantern", delta=0.2), 64)[1] == pytest.approx(12.8)
     assert tv_bounds(SjdSettings(), 64) is None and tv_bounds(None, 64) is None
+
+
+def _overlap(a, b) -> bool:
+    return not (a[2] < b[0] or a[0] > b[2] or a[3] < b[1] or a[1] > b[3])
+
+
+def test_labels_avoid_the_points_and_each_other():
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.new("RGB", (400, 300), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    points = [(200, 150), (204, 152), (196, 160), (385, 40)]  # a cluster, and one at the right edge
+    taken = [(x - 6, y - 6, x + 6, y + 6) for x, y in points]
+    boxes = []
+    for i, (x, y) in enumerate(points + [(200, 150)] * 4):  # more labels than fit beside the cluster
+        boxes.append(label(d, font, f"lantern:delta=0.{i},k=100", x, y, (0, 0, 0), list(taken) + boxes, right=400))
+    assert all(b[2] <= 400 for b in boxes)  # the edge point's label went to its left
+    assert not any(_overlap(b, t) for b in boxes for t in taken)
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_the_committed_rows_redraw_the_plot(tmp_path):
+    """benchmarks/lantern_tradeoff.json (the tables of RESULTS.md) redraws benchmarks/lantern_tradeoff.png."""
+    rows, ar_fids = merge([ROOT / "benchmarks" / "lantern_tradeoff.json"])
+    by = {r["method"]: r for r in rows}
+    assert set(ar_fids) == {"0", "1", "2"} and by["ar"]["fid"] == ar_fids["0"]
+    assert {"lantern:delta=0", "lantern:delta=0,tree=static", "lantern:delta=0.1,k=100",
+            "sjd:relax=lantern,delta=0.1,k=100", "sjd:draft_coupling=maximal"} <= set(by)
+    assert all(r["sc1"] >= 1 for r in rows)
+    assert plot(rows, ar_fids, tmp_path / "p.png") == len(rows)
