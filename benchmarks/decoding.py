@@ -102,10 +102,12 @@ def step_stats(decoder, settings, model, sampling, labels: torch.Tensor, batch: 
 def tv_bounds(settings, tokens: int) -> tuple[float, float] | None:
     """The δ rule's TV bounds (per position δ, composed tokens x δ); None for exact rows, the λ rule (whose
     per-position bound (λ - 1) E_q[p(x)] depends on the distributions: only the measured budget is shown) and
-    target=pointwise (its output is no relaxed target of p for soft drafts: no bound, the TV shown is r_x's)."""
+    target=pointwise with sampled drafts (its output is no relaxed target of p for soft drafts: no bound, the TV
+    shown is r_x's; greedy drafts are verified as q = 1, so their output is r_x and the bound holds)."""
     delta = getattr(settings, "delta", None)
     relaxed = getattr(settings, "relax", "lantern") == "lantern" and getattr(settings, "k", 0) > 0
-    if getattr(settings, "target", "mixture") == "pointwise":  # LANTERN's per-draft rule: no bound for soft drafts
+    soft_pointwise = getattr(settings, "target", "mixture") == "pointwise" and getattr(settings, "draft", "") != "greedy"
+    if soft_pointwise:  # LANTERN's per-draft rule: no bound for soft drafts
         return None
     return (delta, tokens * delta) if relaxed and delta is not None and delta > 0 else None
 

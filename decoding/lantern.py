@@ -4,7 +4,9 @@ One iteration per target forward, every row on its own length n_b (tokens 0..n_b
 1. token n_b is drawn from the distribution the last verification left for it (the target's next-token
    distribution after a full acceptance, else the residual of the first rejection);
 2. the draft head (generators/draft_head.py) drafts x_1..x_D from the target's feature at slot n_b and the
-   token embeddings, each x_j ~ q_j (the draft logits after the same CFG / temperature / top-k / top-p);
+   token embeddings, each x_j ~ q_j (the draft logits after the same CFG / temperature / top-k / top-p), or
+   ``draft=greedy``: x_j = argmax q_j (siblings: the next most likely), verified as q = 1 (LANTERN's and
+   EAGLE-2's default): accept with p̃(x), so each step's output is r_x, within δ of p, with no mixture target;
 3. ``tree=chain``: one target step feeds [token n_b, x_1..x_D] at per-row positions; ``tree=static``: an
    EAGLE-1-style fixed tree (``branching``: the children per depth, siblings drawn without replacement)
    is fed in one step with a tree mask, and the accepted path is compacted with ``move_cache``;
@@ -31,6 +33,7 @@ from decoding.registry import register
 from decoding.sampling import SamplingConfig, cfg_split_combine, logits_to_probs
 
 TREES = ("chain", "static")
+DRAFTS = ("sample", "greedy")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class LanternSettings:
     lam: float | None = None  # LANTERN++'s λ >= 1 (set delta=null to use it)
     k: int = 1000  # neighbours per code (0 = standard speculative sampling)
     target: str = "mixture"  # relaxed target for sampled drafts: mixture (TV <= δ) | pointwise (LANTERN's rule)
+    draft: str = "sample"  # sample: x ~ q, verified against q | greedy: x = argmax q, verified as q = 1 (LANTERN's default)
     drafter: torch.nn.Module | None = dataclasses.field(default=None, init=False, repr=False)  # loaded by prepare
     neighbours: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)  # (V, k) int64
     drafter_config: dict | None = dataclasses.field(default=None, init=False, repr=False)
@@ -56,6 +60,8 @@ class LanternSettings:
             raise ValueError(f"decoding.tree={self.tree!r}; choose one of {', '.join(TREES)}")
         if self.depth < 1:
             raise ValueError(f"decoding.depth={self.depth} must be >= 1")
+        if self.draft not in DRAFTS:
+            raise ValueError(f"decoding.draft={self.draft!r}; choose one of {', '.join(DRAFTS)}")
         if self.target not in TARGETS:
             raise ValueError(f"decoding.target={self.target!r}; choose one of {', '.join(TARGETS)}")
         if (self.delta is None) == (self.lam is None):
@@ -110,16 +116,20 @@ def check_pairing_once(settings: LanternSettings, model) -> None:
 
 def verifier_once(settings: LanternSettings, vocab: int) -> Callable:
     """The settings' verifier, built (and its neighbour table validated, with host reads) once per table and rule."""
-    key = (id(settings.neighbours), vocab, tuple(settings.rule().items()), settings.target)
+    greedy = settings.draft == "greedy"
+    key = (id(settings.neighbours), vocab, tuple(settings.rule().items()), settings.target, greedy)
     if settings.verifier is None or settings.verifier[0] != key:
-        settings.verifier = (key, lantern_verifier(settings.neighbours, vocab, settings.rule(), settings.target))
+        settings.verifier = (key, lantern_verifier(settings.neighbours, vocab, settings.rule(), settings.target, greedy))
     return settings.verifier[1]
 
 
-def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: str = "mixture") -> Callable:
+def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: str = "mixture",
+                     one_hot: bool = False) -> Callable:
     """The relaxed acceptance as ``verify(p, q, x, u) -> (accept (B,) bool, residual (B, V), tv (B,))``: p, q (B, V),
     x, u (B,); tv = TV(p, T), T the relaxed target the step samples exactly (0 when exact). nbrs None or k = 0:
-    standard speculative sampling."""
+    standard speculative sampling. ``one_hot``: q is ignored and every draft is verified as q = 1 (drafts that are
+    a deterministic function of the drafter's state, ``decoding.draft=greedy``): accept with p̃(x), else draw from
+    p without the aggregated set; the step's output is then exactly r_x, within δ of p, whatever chose x."""
     if nbrs is None:
         nbrs = torch.zeros(vocab, 0, dtype=torch.long)
     validate_neighbours(nbrs)
@@ -129,7 +139,7 @@ def lantern_verifier(nbrs: torch.Tensor | None, vocab: int, rule: dict, target: 
         table = on_device.get(p.device)
         if table is None:
             table = on_device.setdefault(p.device, nbrs.to(p.device))
-        verdict = lantern_verify(p, q, x, u, table, target=target, **rule)
+        verdict = lantern_verify(p, None if one_hot else q, x, u, table, target=target, **rule)
         return verdict.accept, verdict.residual, 0.5 * (verdict.target - p).abs().sum(-1)
     return verify
 
@@ -148,8 +158,9 @@ def _uniform(shape, device, generator) -> torch.Tensor:
 @torch.no_grad()
 def speculative_generate(model, drafter, cond: torch.Tensor, sampling: SamplingConfig, verify: Callable,
                          depth: int = 5, generator: torch.Generator | None = None, tree: str = "chain",
-                         branching: tuple = ()) -> tuple[torch.Tensor, dict]:
-    """Draft-head speculative decoding -> (tokens (B, L) int64, stats). See the module docstring.
+                         branching: tuple = (), draft: str = "sample") -> tuple[torch.Tensor, dict]:
+    """Draft-head speculative decoding -> (tokens (B, L) int64, stats). See the module docstring. ``draft``:
+    "sample" (x ~ q) or "greedy" (x = argmax q; pair it with a one-hot verifier, ``lantern_verifier(one_hot=True)``).
 
     One host read per iteration (the shortest row's length: stop, or draw the last token and stop, or go on) and
     two for the statistics; the tree's topology lives on the host (``_tree``) and its index tensors are uploaded
@@ -191,7 +202,8 @@ def speculative_generate(model, drafter, cond: torch.Tensor, sampling: SamplingC
         if shortest == L - 1:  # every active row just drew its last token
             break
         # 2. draft the tree (chain: one node per depth) with the draft head
-        x, q = _draft(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator)  # (B, N), (B, N, V)
+        x, q = _draft(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator,
+                      draft == "greedy")  # (B, N), (B, N, V)
         # 3. one target forward over [t0, nodes] (tree mask, per-row positions)
         lg, hh, tok_idx, slots = tree_step(model, n, t0, x, topo, R)  # (B', N+1, V), (B', N+1, D)
         forwards += 1
@@ -363,9 +375,9 @@ def head_cache_len(L: int, N: int, depth: int) -> int:
     return L + N + depth + 3
 
 
-def _draft(model, drafter, feats, tokens, n, topo: DraftTree, B, R, sampling, guided, generator):
+def _draft(model, drafter, feats, tokens, n, topo: DraftTree, B, R, sampling, guided, generator, greedy=False):
     """Draft every tree node over the head's KV cache -> (x (B, N) int64, q (B, N, V)); siblings are drawn
-    without replacement.
+    without replacement (``greedy``: the most likely codes in order, x = argmax of what is left).
 
     Head slot i holds input (F[:, i], token i) for i < c (c = ``drafter.cache_lengths``, per row: what the
     last call left true). 1. Catch up: one head step feeds slots c..c+depth (the target's true features and the
@@ -400,7 +412,7 @@ def _draft(model, drafter, feats, tokens, n, topo: DraftTree, B, R, sampling, gu
             left = probs.clone()
             for j in topo.children(par):  # siblings without replacement
                 qj = left / left.sum(-1, keepdim=True).clamp(min=1e-30)
-                xj = sample_from_uniform(qj, _uniform((B,), dev, generator))
+                xj = qj.argmax(-1) if greedy else sample_from_uniform(qj, _uniform((B,), dev, generator))
                 x[:, j], q[:, j] = xj, qj
                 left = left.scatter(-1, xj[:, None], 0.0)
         if d == depth:
@@ -462,4 +474,4 @@ def generate(model, cond, sampling: SamplingConfig, generator, tokenizer, settin
     verify = verifier_once(settings, model.vocab_size)
     settings.drafter.eval()
     return speculative_generate(model, settings.drafter, cond, sampling, verify, settings.depth, generator,
-                                settings.tree, settings.branching)
+                                settings.tree, settings.branching, settings.draft)

@@ -68,21 +68,31 @@ def always_accept(p, q, x, u):
 SAMPLING = SamplingConfig(cfg_scale=2.0, temperature=1.0)
 
 
-@pytest.mark.parametrize("tree,branching", [("chain", ()), pytest.param("static", (2, 2), marks=pytest.mark.slow)])
-def test_delta_zero_is_exact_speculative_sampling(tree, branching):
-    """10^5 sequences (one batch, per-row acceptance, CFG) follow the analytic joint; always-accept does not."""
+@pytest.mark.parametrize("tree,branching,draft", [("chain", (), "sample"), ("chain", (), "greedy"),
+                                                  pytest.param("static", (2, 2), "sample", marks=pytest.mark.slow),
+                                                  pytest.param("static", (2, 2), "greedy", marks=pytest.mark.slow)])
+def test_delta_zero_is_exact_speculative_sampling(tree, branching, draft):
+    """10^5 sequences (one batch, per-row acceptance, CFG) follow the analytic joint; always-accept does not.
+    Greedy drafts (x = argmax q) are verified as q = 1; verifying them against the soft q they were not drawn
+    from is biased (a second negative control)."""
     model, head = toy()
     joint = analytic_joint(model, 1, SAMPLING)
     cond = torch.full((100_000,), 1)
     nbrs = torch.stack([torch.roll(torch.arange(V), -s) for s in range(1, V)], 1)  # (V, V-1) all other codes
-    exact = lantern_verifier(nbrs, V, {"delta": 0.0})
+    greedy = draft == "greedy"
+    exact = lantern_verifier(nbrs, V, {"delta": 0.0}, one_hot=greedy)
     tokens, stats = speculative_generate(model, head, cond, SAMPLING, exact, 2, torch.Generator().manual_seed(0),
-                                         tree, branching)
+                                         tree, branching, draft)
     assert joint_pvalue(tokens, joint, V) > 1e-3
     assert 0 < sum(stats["accepted_lengths"]) < 2 * len(stats["accepted_lengths"])  # some accepted, some not
     broken, _ = speculative_generate(model, head, cond[:20_000], SAMPLING, always_accept, 2,
-                                     torch.Generator().manual_seed(0), tree, branching)
+                                     torch.Generator().manual_seed(0), tree, branching, draft)
     assert joint_pvalue(broken, joint, V) < 1e-6
+    if greedy:
+        soft = lantern_verifier(nbrs, V, {"delta": 0.0})  # min(1, p(x)/q(x)) for an x that was not drawn from q
+        biased, _ = speculative_generate(model, head, cond, SAMPLING, soft, 2, torch.Generator().manual_seed(0),
+                                         tree, branching, draft)
+        assert joint_pvalue(biased, joint, V) < 1e-6
 
 
 def test_delta_zero_equals_k_zero_and_relaxation_changes_tokens():
@@ -234,7 +244,7 @@ class Oracle(torch.nn.Module):
         return target.head(predicted).float()
 
 
-def draft_uncached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator):
+def draft_uncached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator, greedy=False):
     """The reference drafter: the head over each node's whole history (per-path copies), no cache."""
     parent, node_depth = torch.tensor(topo.parent), torch.tensor(topo.node_depth)
     N, L, Bp = parent.shape[0], model.block_size, feats.shape[0]
@@ -250,7 +260,7 @@ def draft_uncached(model, drafter, feats, tokens, n, topo, B, R, sampling, guide
             left = lantern._probs(drafter.logits(model, fe), B, sampling, guided).clone()  # (B, V)
             for j in [j for j in range(N) if int(parent[j]) == par]:
                 qj = left / left.sum(-1, keepdim=True).clamp(min=1e-30)
-                xj = sample_from_uniform(qj, torch.rand(B, generator=generator))
+                xj = qj.argmax(-1) if greedy else sample_from_uniform(qj, torch.rand(B, generator=generator))
                 x[:, j], q[:, j] = xj, qj
                 left = left.scatter(-1, xj[:, None], 0.0)
                 f2, t2 = f.clone(), t.clone()
@@ -278,12 +288,12 @@ def test_cached_drafting_equals_uncached(tree, branching, monkeypatch):
     cond = torch.arange(NC).repeat(2)
     cached, calls = lantern._draft, []
 
-    def both(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator):
+    def both(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator, greedy=False):
         state = generator.get_state()
-        x, q = cached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator)
+        x, q = cached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator, greedy)
         after = generator.get_state()
         generator.set_state(state)
-        xr, qr = draft_uncached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator)
+        xr, qr = draft_uncached(model, drafter, feats, tokens, n, topo, B, R, sampling, guided, generator, greedy)
         assert torch.equal(generator.get_state(), after)
         valid = (n[:, None] + torch.tensor(topo.node_depth)[None] <= L_ - 1)  # (B, N) nodes inside the image
         assert torch.equal(x[valid], xr[valid])
@@ -306,9 +316,11 @@ def test_cached_drafting_equals_uncached(tree, branching, monkeypatch):
     assert torch.equal(got, again) and torch.equal(got, ref)
 
 
-def test_relaxed_sequences_stay_within_the_composed_tv_bound():
-    """δ = 0.05 (mixture target, sampled drafts): TV(output joint, target joint) <= L δ (+ sampling noise of
-    2x10^4 sequences over 64 cells, about 0.02); always-accept breaks the bound."""
+@pytest.mark.parametrize("draft,target", [("sample", "mixture"), ("greedy", "pointwise")])
+def test_relaxed_sequences_stay_within_the_composed_tv_bound(draft, target):
+    """δ = 0.05 (mixture target for sampled drafts; LANTERN's pointwise rule for greedy drafts verified as q = 1):
+    TV(output joint, target joint) <= L δ (+ sampling noise of 2x10^4 sequences over 64 cells, about 0.02);
+    always-accept breaks the bound."""
     model, head = toy()
     joint = analytic_joint(model, 1, SAMPLING)
     cond = torch.full((20_000,), 1)
@@ -320,17 +332,25 @@ def test_relaxed_sequences_stay_within_the_composed_tv_bound():
         emp = torch.bincount(idx, minlength=len(joint)).double() / len(idx)
         return 0.5 * float((emp - joint / joint.sum()).abs().sum())
 
-    tokens, stats = speculative_generate(model, head, cond, SAMPLING, lantern_verifier(nbrs, V, {"delta": delta}), 2,
-                                         torch.Generator().manual_seed(0))
+    greedy = draft == "greedy"
+
+    def verifier(d):
+        return lantern_verifier(nbrs, V, {"delta": d}, target, one_hot=greedy)
+
+    tokens, stats = speculative_generate(model, head, cond, SAMPLING, verifier(delta), 2,
+                                         torch.Generator().manual_seed(0), draft=draft)
     assert tv_of(tokens) <= L * delta + 0.03, tv_of(tokens)
     # the measured TV budget: within δ per verified position, its sum within L δ and above the joint's TV
     assert 0 < stats["tv_per_position"] <= delta + 1e-9
     assert 0 < stats["tv_composed"] <= stats["verified_positions"] * delta + 1e-9 <= L * delta + 1e-9
     assert tv_of(tokens) <= stats["tv_composed"] + 0.03
-    _, exact = speculative_generate(model, head, cond[:2000], SAMPLING, lantern_verifier(nbrs, V, {"delta": 0.0}), 2,
-                                    torch.Generator().manual_seed(0))
+    _, exact = speculative_generate(model, head, cond, SAMPLING, verifier(0.0), 2, torch.Generator().manual_seed(0),
+                                    draft=draft)
     assert exact["tv_composed"] == 0 and exact["verified_positions"] > 1
-    broken, _ = speculative_generate(model, head, cond, SAMPLING, always_accept, 2, torch.Generator().manual_seed(0))
+    if greedy:  # one-hot verification: the relaxation accepts p̃(x) >= p(x), so more drafts are kept
+        assert stats["mean_accepted_length"] > exact["mean_accepted_length"]
+    broken, _ = speculative_generate(model, head, cond, SAMPLING, always_accept, 2, torch.Generator().manual_seed(0),
+                                     draft=draft)
     assert tv_of(broken) > L * delta + 0.03, tv_of(broken)
 
 
@@ -360,3 +380,13 @@ def test_the_tv_budget_sums_the_verified_positions():
     want = 0.5 * (lantern_verify(p, q, x, u, nbrs, delta=0.2).target - p).abs().sum(-1)
     torch.testing.assert_close(tv, want)
     assert float(want.max()) > 0
+
+
+def test_settings_name_the_bad_value():
+    from decoding.lantern import LanternSettings
+
+    for bad, match in [({"draft": "beam"}, "decoding.draft='beam'; choose one of sample, greedy"),
+                       ({"tree": "dynamic"}, "decoding.tree='dynamic'; choose one of chain, static"),
+                       ({"target": "exact"}, "decoding.target='exact'; choose one of mixture, pointwise")]:
+        with pytest.raises(ValueError, match=match):
+            LanternSettings(**bad)
