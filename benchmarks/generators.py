@@ -194,18 +194,25 @@ VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's 256 px schedule, 680 tok
 LIMIT_SAMPLING = {"cfg_scale": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}  # VAR's FID setting
 
 
-def limit_models(vocab: int, num_classes: int = 1000) -> dict:
-    """{name: (model, msvq or None)}: VAR-d6 on a 4096-code msvq (official scales) and a GPT of the same
-    width and depth (6 x 384, 16x16 = 256 tokens), random weights."""
+LIMIT_MODELS = ("VAR-d6", "GPT-d6", "VAR-d16")  # --models; VAR-d16 (310M) only when asked: ~1.5 min a generate
+LIMIT_DEFAULT = ("VAR-d6", "GPT-d6")
+
+
+def limit_model(name: str, vocab: int, num_classes: int = 1000):
+    """(model, msvq or None) for one --models name, random weights: a VAR-d<depth> on a ``vocab``-code msvq with
+    VAR's 256 px scales, or GPT-d6 = a GPT of VAR-d6's width and depth (6 x 384, 16x16 = 256 tokens)."""
     from generators.gpt import GPT
     from generators.var import build_var
     from tokenizers.msvq import MultiScaleVQ
 
+    if name not in LIMIT_MODELS:
+        raise ValueError(f"--models {name!r}: choose from {', '.join(LIMIT_MODELS)}")
+    if name == "GPT-d6":
+        gpt = GPT(vocab, num_classes, 256, dim=384, depth=6, heads=6).eval()
+        torch.nn.init.normal_(gpt.head.weight, std=0.02)  # LlamaGen zero-inits the head: give it non-flat logits
+        return gpt, None
     msvq = MultiScaleVQ(32, vocab, VAR_SCALES).eval()
-    var = build_var("VAR-d6", vocab_size=vocab, num_classes=num_classes, scales=VAR_SCALES, code_dim=32).eval()
-    gpt = GPT(vocab, num_classes, 256, dim=384, depth=6, heads=6).eval()
-    torch.nn.init.normal_(gpt.head.weight, std=0.02)  # LlamaGen zero-inits the head: give it non-flat logits
-    return {"VAR-d6": (var, msvq), "GPT-d6": (gpt, None)}
+    return build_var(name, vocab_size=vocab, num_classes=num_classes, scales=VAR_SCALES, code_dim=32).eval(), msvq
 
 
 def matmul_peak(n: int = 1536, repeats: int = 3) -> float:
@@ -285,9 +292,8 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
         return torch.cat([t.flatten(1) for t in out], 1) if isinstance(out, list) else out
 
     rows = []
-    for name, (model, msvq) in limit_models(vocab).items():
-        if only and name not in only:
-            continue
+    for name in only or LIMIT_DEFAULT:
+        model, msvq = limit_model(name, vocab)
         labels = torch.arange(batch) % 1000
         flops = forward_flops(model, labels, LIMIT_SAMPLING, msvq)
         timer = ForwardTimer(model, torch.device("cpu"))
@@ -399,7 +405,7 @@ def main(argv=None) -> int:
                              "(new vs previous sampler) and forward GFLOP/s against a matmul peak (CPU)")
     parser.add_argument("--rounds", type=int, default=5, help="--hardware-limit: alternating A/B rounds")
     parser.add_argument("--vocab", type=int, default=4096, help="--hardware-limit: codebook size")
-    parser.add_argument("--models", nargs="*", default=None, help="--hardware-limit: VAR-d6 and/or GPT-d6")
+    parser.add_argument("--models", nargs="*", default=None, help=f"--hardware-limit: any of {', '.join(LIMIT_MODELS)} (default: {' '.join(LIMIT_DEFAULT)})")
     parser.add_argument("--default-malloc", action="store_true",
                         help="--hardware-limit: leave glibc malloc as it is (default: utils/heap.keep_freed_memory, "
                              "as sample.py on CPU)")
@@ -457,7 +463,7 @@ def hardware_limit_main(args, argv) -> int:
                f"{args.seed}, {machine_line()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
                f"fp32, CPU, {heap}; load average {load:.1f} at start and {os.getloadavg()[0]:.1f} at the end (other jobs "
                f"share the machine), wall {time.perf_counter() - t0:.0f} s.\n"
-               f"Random weights; VAR-d6 on a {args.vocab}-code msvq with VAR's 256 px scales {list(VAR_SCALES)} "
+               f"Random weights; VAR-d6 (and VAR-d16: 16 layers x 1024) on a {args.vocab}-code msvq with VAR's 256 px scales {list(VAR_SCALES)} "
                f"(680 tokens), GPT-d6 = 6 layers x 384 on a 16x16 grid (256 tokens, LlamaGen blocks); sampling "
                f"{LIMIT_SAMPLING} (CFG: batch {args.batch_size} runs as {2 * args.batch_size}). Per round, three arms "
                f"each run one whole generate (the order reversed every other round): the new sampler and forward, "

@@ -63,6 +63,7 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(layers, "HEAP_CHUNK_BYTES", 4 * 64 * 7)  # 7 rows of a 64-wide hidden layer
     monkeypatch.setattr(layers, "ROW_BLOCK", 7)
     monkeypatch.setattr(layers, "MMAP_THRESHOLD_BYTES", 0)
+    monkeypatch.setattr(layers, "keeping_freed_memory", lambda: False)  # as if no sampler had set glibc's malloc
 
 
 def _perturbed(module, scale=0.3, seed=0):
@@ -115,6 +116,18 @@ def test_split_qkv_projection_matches_the_fused_one(small_thresholds, kind):
     for a, b in zip(new, ref):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keeping", [False, True])
+def test_qkv_is_split_only_while_big_outputs_are_mmapped(small_thresholds, monkeypatch, keeping):
+    """Three products above the mmap threshold, one once utils/heap.keep_freed_memory serves everything from the heap."""
+    monkeypatch.setattr(layers, "keeping_freed_memory", lambda: keeping)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(layers.F, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    with torch.no_grad():
+        Attention(32, 4, qkv_bias=True).project_qkv(torch.randn(2, 5, 32))
+    assert len(calls) == (1 if keeping else 3)
 
 
 def test_var_block_matches_the_previous_block(small_thresholds):

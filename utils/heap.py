@@ -40,6 +40,12 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def keeping_freed_memory() -> bool:
+    """True once ``keep_freed_memory`` has set glibc's malloc: no allocation is served by mmap any more, so big
+    temporaries no longer fault in fresh pages on every call (generators/layers.py then skips its workarounds)."""
+    return _applied
+
+
 def release_freed_memory() -> None:
     """Hand the freed heap memory back to the system now (glibc ``malloc_trim(0)``), e.g. before measuring a
     peak resident set: with ``keep_freed_memory`` the freed pages would otherwise count in every later peak."""
