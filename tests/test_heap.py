@@ -22,8 +22,10 @@ def faults_of_one_step():  # a sampling step's pattern: 64 MB of logits, 64 MB o
     probs = logits.softmax(-1)
     del logits, probs
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-steps = [faults_of_one_step() for _ in range(12)]
-print(max(steps[-4:]))  # glibc's heap settles after a few steps (posix_memalign leaves small remainders)
+steps = [faults_of_one_step() for _ in range(16)]
+# glibc's heap settles after a few steps (posix_memalign leaves small remainders); a later step can still grow
+# the heap's top once (64 MB: 16384 faults, seen once in a full test run), so the median of the last 8 steps
+print(sorted(steps[-8:])[4])
 """
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
