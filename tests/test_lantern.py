@@ -390,3 +390,24 @@ def test_settings_name_the_bad_value():
                        ({"target": "exact"}, "decoding.target='exact'; choose one of mixture, pointwise")]:
         with pytest.raises(ValueError, match=match):
             LanternSettings(**bad)
+
+
+@pytest.mark.parametrize("tree,branching", [("chain", ()), ("static", (2, 2, 1))])
+def test_greedy_drafts_are_the_most_likely_codes(tree, branching, monkeypatch):
+    """draft=greedy: every node is the most likely code its parent's draft distribution has left (first child:
+    argmax q; later siblings: argmax of q without the earlier siblings)."""
+    model, head = toy(V=16, L=16, dim=32, depth=2)
+    drafted = []
+    draft = lantern._draft
+
+    def record(*args):
+        x, q = draft(*args)
+        drafted.append((x, q))
+        return x, q
+
+    monkeypatch.setattr(lantern, "_draft", record)
+    speculative_generate(model, head, torch.arange(NC).repeat(2), SAMPLING, coin, 3, torch.Generator().manual_seed(0),
+                         tree, branching, "greedy")
+    assert drafted
+    for x, q in drafted:  # q[:, j] is what was left when node j was drafted
+        assert torch.equal(x, q.argmax(-1))
