@@ -365,8 +365,8 @@ def limit_table(rows: list[dict], batch: int, vocab: int) -> str:
 
     lines = [f"| model (batch {batch}, V {vocab}) | params | forward GFLOP / generate | outside forward passes, new "
              "sampler | outside, previous sampler | sampling speed-up new / previous | forward GFLOP/s | matmul "
-             "peak GFLOP/s (best [per-round range]) | forward / peak | previous forward / peak | forward speed-up new / previous | same "
-             "tokens as the previous forward | page faults / generate |",
+             "peak GFLOP/s (best [per-round range]) | forward / peak | previous forward / peak | forward speed-up "
+             "new / previous | same tokens as the previous forward | page faults / generate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.0f} | {rng(r['outside_new'], True)} | "
@@ -481,8 +481,8 @@ def hardware_limit_main(args, argv) -> int:
                f"(time inside prefill/step) / total. Forward GFLOP/s = counted FLOPs (matmuls by FlopCounterMode, "
                f"attention 4 B H N T Dh) / time inside prefill/step; peak = the best 1536^3 fp32 matmul "
                f"of the whole run (measured before and after every round in the same process; the column gives "
-               f"it with the range of the per-round readings), every round's forward against it. Page faults: minor faults (getrusage) during the "
-               f"first arm's generate.\n\n" + text + "\n")
+               f"it with the range of the per-round readings), every round's forward against it. Page faults: "
+               f"minor faults (getrusage) during the first arm's generate.\n\n" + text + "\n")
     report(section, args.append)
     return 0
 
