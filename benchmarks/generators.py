@@ -303,6 +303,8 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
         model, msvq = limit_model(name, vocab)
         labels = torch.arange(batch) % 1000
         flops = forward_flops(model, labels, LIMIT_SAMPLING, msvq)
+        with reference_forward():  # VAR's previous head ran on the whole [cond; uncond] batch: more FLOPs
+            flops_prev = forward_flops(model, labels, LIMIT_SAMPLING, msvq)
         timer = ForwardTimer(model, torch.device("cpu"))
         per = {k: {"total": [], "outside": [], "forward": []} for k in samplers}
         ratio, fwd_ratio, peaks, faults, same_tokens = [], [], [], [], True
@@ -338,7 +340,8 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
                 print(f"{name} round {r}: new {per['new']['total'][-1]:.2f} s (outside "
                       f"{100 * per['new']['outside'][-1]:.1f} %), old sampler {per['old']['total'][-1]:.2f} s (outside "
                       f"{100 * per['old']['outside'][-1]:.1f} %), forward {flops / fwd_new / 1e9:.1f} GFLOP/s, "
-                      f"previous forward {flops / per['prev_fwd']['forward'][-1] / 1e9:.1f} GFLOP/s, peak {peak:.1f}",
+                      f"previous forward {flops_prev / per['prev_fwd']['forward'][-1] / 1e9:.1f} GFLOP/s, "
+                      f"peak {peak:.1f}",
                       flush=True)
         finally:
             use(sample_from_logits)
@@ -346,8 +349,10 @@ def hardware_limit(batch: int, rounds: int, vocab: int, only=None) -> tuple[list
                 model.__dict__.pop(attr, None)
         med = statistics.median
         best = max(peaks)
-        frac_peak, frac_prev = (peak_fractions(flops, per[k]["forward"], peaks) for k in ("new", "prev_fwd"))
+        frac_peak, frac_prev = (peak_fractions(f, per[k]["forward"], peaks)
+                                for f, k in ((flops, "new"), (flops_prev, "prev_fwd")))
         rows.append({"name": name, "params": sum(p.numel() for p in model.parameters()), "flops": flops,
+                     "flops_prev": flops_prev,
                      "outside_new": (med(per["new"]["outside"]), min(per["new"]["outside"]), max(per["new"]["outside"])),
                      "outside_old": (med(per["old"]["outside"]), min(per["old"]["outside"]), max(per["old"]["outside"])),
                      "speedup": (med(ratio), min(ratio), max(ratio)), "peak": best, "peaks": (min(peaks), max(peaks)),
@@ -369,7 +374,9 @@ def limit_table(rows: list[dict], batch: int, vocab: int) -> str:
              "new / previous | same tokens as the previous forward | page faults / generate |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.0f} | {rng(r['outside_new'], True)} | "
+        flops, prev = round(r["flops"] / 1e9), round(r["flops_prev"] / 1e9)
+        flops = f"{flops} (previous: {prev})" if prev != flops else f"{flops}"
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | {flops} | {rng(r['outside_new'], True)} | "
                      f"{rng(r['outside_old'], True)} | {rng(r['speedup'])} | {r['gflops']:.1f} | {r['peak']:.1f} "
                      f"[{r['peaks'][0]:.0f}–{r['peaks'][1]:.0f}] | "
                      f"{rng(r['frac_peak'], True)} | {rng(r['frac_peak_prev'], True)} | {rng(r['fwd_speedup'])} | "
@@ -476,10 +483,12 @@ def hardware_limit_main(args, argv) -> int:
                f"{LIMIT_SAMPLING} (CFG: batch {args.batch_size} runs as {2 * args.batch_size}). Per round, three arms "
                f"each run one whole generate (the order reversed every other round): the new sampler and forward, "
                f"the previous full-sort sampler (tests/test_sampling_equivalence.py), and the new sampler over the "
-               f"previous forward (tests/test_forward_equivalence.py; its tokens must equal the first arm's for the "
-               f"same seed); {args.rounds} rounds, median [min–max]. Outside = 1 - "
-               f"(time inside prefill/step) / total. Forward GFLOP/s = counted FLOPs (matmuls by FlopCounterMode, "
-               f"attention 4 B H N T Dh) / time inside prefill/step; peak = the best 1536^3 fp32 matmul "
+               f"previous forward (tests/test_forward_equivalence.py; the column says whether its tokens equal the "
+               f"first arm's for the same seed: rounding differences can flip a draw); {args.rounds} rounds, median "
+               f"[min–max]. Outside = 1 - (time inside prefill/step) / total. Forward GFLOP/s = FLOPs counted in "
+               f"each "
+               f"arm's own forward (matmuls by FlopCounterMode, attention 4 B H N T Dh; VAR's guided head runs on B "
+               f"rows, the previous one on 2B) / time inside prefill/step; peak = the best 1536^3 fp32 matmul "
                f"of the whole run (measured before and after every round in the same process; the column gives "
                f"it with the range of the per-round readings), every round's forward against it. Page faults: "
                f"minor faults (getrusage) during the first arm's generate.\n\n" + text + "\n")

@@ -301,6 +301,14 @@ class KVCache:
 #                                  Attention                                    #
 #################################################################################
 
+def _l2_normalize_(x: torch.Tensor, gain: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """x (..., D) * gain / max(||x||, eps) in place (F.normalize's eps); the factor in float32 for any dtype of x."""
+    factor = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).clamp_min_(eps).reciprocal_()
+    if gain is not None:
+        factor.mul_(gain)  # (..., 1), gain broadcast over its leading dims
+    return x.mul_(factor)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over SDPA, with optional 2D RoPE, q/k l2-norm and a KV cache."""
 
@@ -354,6 +362,17 @@ class Attention(nn.Module):
         v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAR's cosine attention: q (B, H, N, Dh) and k (B, Hkv, N, Dh) l2-normalised, q times the head's temperature.
+
+        Outside autograd in place on the fresh projection, the temperature folded into q's factor: one read for
+        the norms and one multiply per tensor (F.normalize and the product: three passes over q, two over k).
+        """
+        temperature = self.log_scale.clamp(max=self.max_log_scale).exp()  # (1, H, 1, 1)
+        if torch.is_grad_enabled():
+            return F.normalize(q, dim=-1) * temperature.to(q.dtype), F.normalize(k, dim=-1)
+        return _l2_normalize_(q, temperature), _l2_normalize_(k)
+
     def repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
         """(B, kv_heads, T, Dh) -> (B, heads, T, Dh): query head h reads kv head h // (heads / kv_heads)."""
         return t if self.kv_heads == self.heads else t.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -371,8 +390,7 @@ class Attention(nn.Module):
         q, k, v = self.project_qkv(x)  # (B, H, N, Dh), k and v (B, Hkv, N, Dh)
         scale = None
         if self.qk_l2_norm:
-            q = F.normalize(q, dim=-1) * self.log_scale.clamp(max=self.max_log_scale).exp().to(q.dtype)
-            k = F.normalize(k, dim=-1)
+            q, k = self.normalize_qk(q, k)
             scale = 1.0
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

@@ -246,11 +246,20 @@ class VAR(CachedBlocksMixin, nn.Module):
         self._check_end(T)
         return x + self.lvl_embed(self.lvl[:T]) + self.pos_embed[:, :T]
 
-    def _run(self, x, c, mask=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks + AdaLN + head on x (B, n, C) -> (logits (B, n, V) float, hidden (B, n, C))."""
+    def _run(self, x, c, mask=None, cache=None, guidance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks + AdaLN + head on x (B, n, C) -> (logits (B, n, V) float, hidden (B, n, C)).
+
+        ``guidance`` t: x is a [cond; uncond] batch (2B, n, C) and the logits are VAR's ramped CFG (1+t) cond -
+        t uncond (B, n, V), mixed before the head: the head is affine and (1+t) - t = 1, so head((1+t) h_c - t h_u)
+        gives the same logits up to rounding, at half the head's FLOPs and without the (2B, n, V) raw logits.
+        The hidden states returned are the mixed ones (B, n, C).
+        """
         for blk in self.blocks:
             x = blk(x, c, mask=mask, cache=cache)
-        h = self.head_nm(x, c)  # (B, n, C)
+        h = self.head_nm(x, c)  # (B', n, C)
+        if guidance is not None:
+            cond_h, uncond_h = h.chunk(2)
+            h = cond_h.mul(1 + guidance).sub_(uncond_h.mul(guidance))  # (B, n, C): the three roundings of VAR's mix
         return self.head(h).float(), h
 
     # -- teacher forcing ----------------------------------------------------------------------
@@ -275,12 +284,13 @@ class VAR(CachedBlocksMixin, nn.Module):
 
     # -- incremental decoding over the KV cache ------------------------------------------------
     def prefill(self, cond: torch.Tensor, inputs: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, guidance: float | None = None):
         """Reset the cache and run scales 0..N in one block-causal pass -> logits (B, end_N, V).
 
         cond (B,); inputs (B, n, code_dim) = the inputs of scales 1..N (n = end_N - s_0^2), or None for
         scale 0 only (or ``embeds`` (B, end_N, C)). The last s_N^2 rows of the logits predict scale N. The
-        class embedding is kept for the following ``step`` calls.
+        class embedding is kept for the following ``step`` calls. ``guidance`` t: cond is a [cond; uncond]
+        batch (2B,) and the logits (B, end_N, V) are CFG-mixed with t at every row (see ``_run``).
         """
         self._check_cache()
         c = self.class_emb(cond)  # (B, C)
@@ -288,14 +298,15 @@ class VAR(CachedBlocksMixin, nn.Module):
         x = self._embed(c, inputs, embeds)  # (B, T, C)
         T = x.shape[1]
         mask = self.attn_mask[:T, :T] if T > self.first_l else None
-        logits, h = self._run(x, c, mask=mask, cache=CacheAccess(0, T))
+        logits, h = self._run(x, c, mask=mask, cache=CacheAccess(0, T), guidance=guidance)
         self._set_length(T)
         return (logits, h) if return_hidden else logits
 
     def step(self, inputs: torch.Tensor | None, scale: int, embeds: torch.Tensor | None = None,
-             return_hidden: bool = False):
+             return_hidden: bool = False, guidance: float | None = None):
         """One whole scale k >= 1: inputs (B, s_k^2, code_dim) (or ``embeds`` (B, s_k^2, C)) -> logits (B, s_k^2, V).
 
+        ``guidance`` t: a [cond; uncond] batch (2B rows) gives CFG-mixed logits (B, s_k^2, V) (see ``_run``).
         The cache must hold exactly scales 0..k-1 (``truncate_cache(bounds[k][0])`` to roll back).
         """
         begin, end = self.bounds[scale]
@@ -305,22 +316,24 @@ class VAR(CachedBlocksMixin, nn.Module):
         x = self.word_embed(inputs) if embeds is None else embeds
         x = x + self.lvl_embed(self.lvl[begin:end]) + self.pos_embed[:, begin:end]  # (B, s^2, C)
         # queries of scale k see every cached token of scales < k and their own scale: no mask needed
-        logits, h = self._run(x, self._cond_emb, cache=CacheAccess(begin, end))
+        logits, h = self._run(x, self._cond_emb, cache=CacheAccess(begin, end), guidance=guidance)
         self._set_length(end)
         return (logits, h) if return_hidden else logits
 
     @torch.no_grad()
-    def prefill_scales(self, cond: torch.Tensor, indices_prefix, msvq) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill_scales(self, cond: torch.Tensor, indices_prefix, msvq,
+                       guidance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill the cache with scales 0..N from N given index maps in one pass (collaborative decoding).
 
         cond (B',) labels, B' = B or 2B (cond and uncond halves share the prefix); indices_prefix: N maps
-        (B, s_k, s_k), 1 <= N < K. Returns (logits of scale N (B', s_N^2, V), f_hat (B, Cv, S, S)).
+        (B, s_k, s_k), 1 <= N < K. Returns (logits of scale N (B', s_N^2, V), f_hat (B, Cv, S, S)); with
+        ``guidance`` t (B' = 2B) the logits are CFG-mixed (B, s_N^2, V).
         """
         if not 1 <= len(indices_prefix) < len(self.scales):
             raise ValueError(f"prefix must hold 1..{len(self.scales) - 1} scales, got {len(indices_prefix)}")
         inputs, f_hat = msvq.teacher_inputs(indices_prefix, with_f_hat=True)  # (B, n, Cv)
         inputs = inputs.repeat(cond.shape[0] // inputs.shape[0], 1, 1)  # (B', n, Cv)
-        logits = self.prefill(cond, inputs.to(self.word_embed.weight.dtype))
+        logits = self.prefill(cond, inputs.to(self.word_embed.weight.dtype), guidance=guidance)
         s = self.scales[len(indices_prefix)]
         return logits[:, -s * s:], f_hat
 
@@ -331,10 +344,12 @@ class VAR(CachedBlocksMixin, nn.Module):
                  stop: int | None = None, compile: bool = False) -> list:
         """Sample index maps [(B, s_k, s_k)] for labels cond (B,), one cached forward per scale.
 
-        CFG ramps with the scale: t = cfg * k / (K-1), logits = (1+t) cond - t uncond (scale 0 unguided;
-        cfg = 0 runs no unconditional half). With ``indices_prefix`` (N maps) scales 0..N are prefilled in
-        one pass and sampling continues at scale N. ``stop``: return after scale stop-1 (the first ``stop``
-        maps; collaborative decoding's drafter). ``compile``: the per-scale steps compiled (see ``sample``).
+        CFG ramps with the scale: t = cfg * k / (K-1), logits = (1+t) cond - t uncond, mixed before the head
+        (``_run``; scale 0 unguided; cfg = 0 runs no unconditional half). With ``indices_prefix`` (N maps) scales
+        0..N are prefilled in one pass and sampling continues at scale N. ``stop``: return after scale stop-1 (the
+        first ``stop`` maps; collaborative decoding's drafter). ``compile``: the per-scale steps compiled (see
+        ``sample``), one graph per scale, whose ramp value t_k is a constant of its graph (another cfg in the same
+        process recompiles).
         """
         B = cond.shape[0]
         step = (compiled_step(self.step, self.blocks[0], "reduce-overhead" if cond.device.type == "cuda" else None,
@@ -344,23 +359,20 @@ class VAR(CachedBlocksMixin, nn.Module):
         labels = self.class_emb.with_null(cond) if guided else cond  # (B',)
         # no zero fill (6 x 67 MB at VAR-d6 batch 16): every scale attends over exactly the slots written so far
         self.setup_cache(labels.shape[0], self.L, device=cond.device, zero=False)
+        # the guidance ramp t_k, applied by the forward before the head (see _run): logits arrive as (B, s^2, V)
+        ramp = [cfg * k / max(len(self.scales) - 1, 1) if guided else None for k in range(len(self.scales))]
         # 1. prefill: scale 0 from the class, or scales 0..N from a given prefix
         if indices_prefix:
-            logits, f_hat = self.prefill_scales(labels, indices_prefix, msvq)
+            logits, f_hat = self.prefill_scales(labels, indices_prefix, msvq, guidance=ramp[len(indices_prefix)])
             indices, start = list(indices_prefix), len(indices_prefix)
         else:
-            logits, f_hat, indices, start = self.prefill(labels), None, [], 0
+            logits, f_hat, indices, start = self.prefill(labels, guidance=ramp[0]), None, [], 0
         for k in range(start, K):
             s = self.scales[k]
-            # 2. one forward over the whole scale (already done for the first one)
+            # 2. one forward over the whole scale (already done for the first one), guided by t_k
             if k > start:
-                logits = step(next_in, k)  # (B', s^2, V)
-            # 3. guidance ramp, then top-k / top-p multinomial sampling
-            if guided:
-                t = cfg * k / max(len(self.scales) - 1, 1)
-                # (1 + t) cond - t uncond, in place: the same three roundings, no fresh (B, s^2, V) buffers
-                cond_logits, uncond_logits = logits[:B], logits[B:]
-                logits = cond_logits.mul_(1 + t).sub_(uncond_logits.mul_(t))  # (B, s^2, V)
+                logits = step(next_in, k, guidance=ramp[k])  # (B, s^2, V)
+            # 3. top-k / top-p multinomial sampling
             idx = sample_from_logits(logits, temperature, top_k, top_p, generator).view(B, s, s)
             indices.append(idx)
             # 4. add the scale to f_hat; the next scale's input is f_hat area-downsampled

@@ -1,11 +1,13 @@
-"""The CPU-inference forward paths (generators/layers.py, generators/var.py) against the forward they replaced.
+"""The inference forward paths (generators/layers.py, generators/var.py) against the forward they replaced.
 
-``ref_*`` below is a verbatim copy of the previous Mlp / qkv projection / VAR block forward. The new paths
-(FFN rows in chunks with GELU fused into fc1 by oneDNN or in place, q/k/v as three products when the fused output would exceed glibc's
-mmap threshold, AdaLN modulation and gated residuals in place on fresh tensors) must give the same outputs within
-1e-5 (relative and absolute) and, through VAR's sampler, the same tokens for the same seed. The thresholds are lowered in the tests
-so that tiny models take every new branch. ``reference_forward()`` swaps the old forward back in
-(benchmarks/generators.py times both in one process).
+``ref_*`` below is a verbatim copy of the previous Mlp / qkv projection / q-k normalisation / VAR block forward, and
+VAR's guided head mixes the logits as the previous ``VAR.generate`` did. The new paths (FFN rows in chunks with GELU
+fused into fc1 by oneDNN or in place, q/k/v as three products when the fused output would exceed glibc's mmap
+threshold, q and k normalised in place, AdaLN modulation and gated residuals in place on fresh tensors, VAR's CFG
+ramp mixed before the head) must give the same outputs within 1e-5 (relative and absolute) and, through VAR's
+sampler on these small models, the same tokens for the same seed. The thresholds are lowered in the tests so that
+tiny models take every new branch. ``reference_forward()`` swaps the old forward back in (benchmarks/generators.py
+times both in one process).
 """
 import contextlib
 
@@ -38,18 +40,37 @@ def ref_project_qkv(self, x):
     return q, k, v
 
 
+def ref_normalize_qk(self, q, k):
+    q = F.normalize(q, dim=-1) * self.log_scale.clamp(max=self.max_log_scale).exp().to(q.dtype)
+    return q, F.normalize(k, dim=-1)
+
+
 def ref_block_forward(self, x, c, mask=None, cache=None):
     gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(c).view(-1, 1, 6, self.dim).unbind(2)
     x = x + self.drop_path(self.attn(self.ln(x) * (1 + scale1) + shift1, mask=mask, cache=cache) * gamma1)
     return x + self.drop_path(self.ffn(self.ln(x) * (1 + scale2) + shift2) * gamma2)
 
 
+_run = VAR._run
+
+
+def ref_var_run(self, x, c, mask=None, cache=None, guidance=None):
+    """The previous VAR head: raw [cond; uncond] logits, the CFG ramp mixed in place on the logits."""
+    logits, h = _run(self, x, c, mask=mask, cache=cache)
+    if guidance is None:
+        return logits, h
+    cond, uncond = logits.chunk(2)
+    return cond.mul_(1 + guidance).sub_(uncond.mul_(guidance)), h
+
+
 @contextlib.contextmanager
 def reference_forward():
-    """Run Mlp, Attention.project_qkv and VAR's block with the previous forward inside the block."""
+    """Run Mlp, Attention.project_qkv / normalize_qk, VAR's block and VAR's guided head as they were before."""
     saved = [(Mlp, "forward", Mlp.forward), (Attention, "project_qkv", Attention.project_qkv),
-             (AdaLNSelfAttnBlock, "forward", AdaLNSelfAttnBlock.forward)]
+             (Attention, "normalize_qk", Attention.normalize_qk),
+             (AdaLNSelfAttnBlock, "forward", AdaLNSelfAttnBlock.forward), (VAR, "_run", VAR._run)]
     Mlp.forward, Attention.project_qkv, AdaLNSelfAttnBlock.forward = ref_mlp_forward, ref_project_qkv, ref_block_forward
+    Attention.normalize_qk, VAR._run = ref_normalize_qk, ref_var_run
     try:
         yield
     finally:
@@ -130,6 +151,31 @@ def test_qkv_is_split_only_while_big_outputs_are_mmapped(small_thresholds, monke
     assert len(calls) == (1 if keeping else 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_qk_normalisation_matches_f_normalize(dtype):
+    """Outside autograd q and k are normalised in place with the temperature folded into q's factor (float32)."""
+    attn = Attention(64, 4, qkv_bias=True, qk_l2_norm=True)
+    with torch.no_grad():
+        attn.log_scale.copy_(torch.tensor([0.3, 1.4, 2.0, 5.0]).view(1, 4, 1, 1))  # 5.0 > log 100: clamped
+    q, k = torch.randn(2, 4, 7, 16) * 3, torch.randn(2, 4, 7, 16)
+    q[0, 1, 2] = 0.0  # a zero vector stays zero (eps), as in F.normalize
+    k[1, 0, 3] *= 1e-8  # a tiny one is still normalised
+    qd, kd = q.to(dtype), k.to(dtype)
+    exact = [t.double() for t in ref_normalize_qk(attn.double(), qd.double(), kd.double())]  # of the same inputs
+    attn.float()
+    old = ref_normalize_qk(attn, qd, kd)
+    with torch.no_grad():
+        new = attn.normalize_qk(qd.clone(), kd.clone())
+    for n, o, e in zip(new, old, exact):
+        assert n.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(n, o, rtol=1e-6, atol=1e-6)
+        else:  # one bf16 rounding of a float32 product (F.normalize and the product: two bf16 roundings)
+            assert (n.double() - e).abs().max() <= (o.double() - e).abs().max()
+            assert (n != e.to(dtype)).float().mean() < 0.01  # the exact value rounded once, but for near-ties
+    assert torch.equal(new[0][0, 1, 2], torch.zeros(16, dtype=dtype))
+
+
 def test_var_block_matches_the_previous_block(small_thresholds):
     blk = _perturbed(AdaLNSelfAttnBlock(32, 4))
     x, c = torch.randn(2, 14, 32), torch.randn(2, 32)
@@ -172,6 +218,31 @@ def test_var_logits_and_tokens_match_the_previous_forward(small_thresholds):
     with reference_forward():
         ref_maps = sample()
     assert all(torch.equal(a, b) for a, b in zip(new_maps, ref_maps))
+
+
+def test_var_guidance_before_the_head_equals_mixing_the_logits():
+    """prefill / step with ``guidance`` t: head((1+t) h_c - t h_u) = (1+t) logits_c - t logits_u (an affine head)."""
+    scales = (1, 2, 3)
+    model = _perturbed(VAR(64, 5, scales, code_dim=8, depth=2, width=32, heads=2), scale=0.1)
+    labels = model.class_emb.with_null(torch.tensor([0, 3, 4]))  # (6,) [cond; uncond]
+    inputs = torch.randn(6, model.L - 1, 8)
+    t = 0.75
+
+    def mix(logits):
+        return (1 + t) * logits[:3] - t * logits[3:]
+
+    with torch.no_grad():
+        for guidance in (None, t):
+            model.setup_cache(6, model.L)
+            out = [model.prefill(labels, inputs[:, :4], guidance=guidance),
+                   model.step(inputs[:, 4:], 2, guidance=guidance)]
+            if guidance is None:
+                raw = out
+        model.free_cache()
+    for guided, plain in zip(out, raw):
+        assert guided.shape[0] == 3 and plain.shape[0] == 6
+        torch.testing.assert_close(guided, mix(plain), rtol=1e-5, atol=1e-5)
+    assert (mix(raw[1]) - raw[1][:3]).abs().max() > 0.1  # guidance changes these logits: the check has power
 
 
 def test_var_sampler_never_reads_an_unwritten_cache_slot(monkeypatch):
