@@ -128,17 +128,29 @@ def top_values(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, vals
 
 
-def _nth_match(x: torch.Tensor, value: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """Per row of x (N, V): the index of the rank-th (0-based) entry equal to value (N, 1) -> (N,) int64."""
-    a, val, rk = x.detach().numpy(), value.numpy(), rank.view(-1).numpy()
+def _index_of_draw(x: torch.Tensor, comp: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The vocabulary index of each row's drawn candidate -> (N,) int64 (CPU, NumPy).
+
+    x (N, V) the logits; comp (N, m) the candidates' unscaled logits, sorted descending; pos (N, 1) the drawn
+    position. Equal logits sit in index order in the indexed candidate list, so the draw's rank inside its run of
+    equal values (0 unless the value before it ties) picks the same token as that list: the rank-th entry of x
+    equal to the drawn value.
+    """
+    a, c, p = x.detach().numpy(), comp.numpy(), pos.view(-1).numpy()
     n, v = a.shape
+    r = np.arange(n)
+    drawn = c[r, p]  # (N,)
+    rank = np.zeros(n, dtype=np.int64)
+    tied = np.flatnonzero((p > 0) & (c[r, np.maximum(p - 1, 0)] == drawn))
+    if tied.size:  # rare: count the equal values before the draw
+        rank[tied] = p[tied] - np.count_nonzero(c[tied] > drawn[tied, None], axis=-1)
     out = np.empty(n, dtype=np.int64)
     rows = max(1, PARTITION_BLOCK_BYTES // v)
     for i in range(0, n, rows):
-        eq = a[i:i + rows] == val[i:i + rows]  # (r, V) bool
+        eq = a[i:i + rows] == drawn[i:i + rows, None]  # (r, V) bool
         out[i:i + rows] = eq.argmax(-1)  # the first match
-        for j in np.flatnonzero(rk[i:i + rows]):  # a tie drawn past its first entry (rare)
-            out[i + j] = np.flatnonzero(eq[j])[rk[i + j]]
+        for j in np.flatnonzero(rank[i:i + rows]):  # a tie drawn past its first entry (rare)
+            out[i + j] = np.flatnonzero(eq[j])[rank[i + j]]
     return torch.from_numpy(out)
 
 
@@ -172,21 +184,24 @@ def _top_p_count(vals: torch.Tensor, probs: torch.Tensor, cdf: torch.Tensor, p: 
     Entries whose own mass before them is < p, then the run of equal logits across the boundary made whole
     (its first entry had less than p before it); runs elsewhere never change the kept set.
     """
+    m = vals.shape[-1]
+    if vals.device.type == "cpu":  # NumPy: the same comparisons without torch's per-op dispatch (GPT: 16 rows a step)
+        v = vals.numpy()
+        count = np.count_nonzero((cdf.numpy() - probs.numpy()) < p, axis=-1)  # (N,) SIMD popcount
+        np.clip(count, 1, m, out=count)  # the top-1 always stays
+        r = np.arange(len(count))
+        straddle = (count < m) & (v[r, np.minimum(count, m - 1)] == v[r, count - 1])  # (N,)
+        rows = np.flatnonzero(straddle)
+        if rows.size:  # usually a few rows: the run across the boundary made whole
+            count[rows] = np.count_nonzero(v[rows] >= v[rows, count[rows] - 1][:, None], axis=-1)
+        return torch.from_numpy(count.astype(np.int64)).view(-1, 1)
     below = (cdf - probs) < p  # (N, m)
-    if below.device.type == "cpu":
-        count = torch.from_numpy(np.count_nonzero(below.numpy(), axis=-1)).view(-1, 1)  # SIMD popcount
-    else:
-        count = below.sum(-1, keepdim=True)
-    count = count.clamp(1, vals.shape[-1])  # the top-1 always stays
-    nxt = count.clamp_max(vals.shape[-1] - 1)
-    straddle = (count < vals.shape[-1]) & (vals.gather(-1, nxt) == vals.gather(-1, count - 1))  # (N, 1)
-    if vals.device.type != "cpu":  # no host sync: every row's run end, used where the run straddles
-        whole = (vals >= vals.gather(-1, count - 1)).sum(-1, keepdim=True)
-        return torch.where(straddle, whole, count)
-    rows = straddle.view(-1).nonzero().squeeze(1)
-    if rows.numel():  # a few rows
-        count[rows] = (vals[rows] >= vals[rows].gather(-1, count[rows] - 1)).sum(-1, keepdim=True)
-    return count
+    count = below.sum(-1, keepdim=True).clamp(1, m)  # the top-1 always stays
+    nxt = count.clamp_max(m - 1)
+    straddle = (count < m) & (vals.gather(-1, nxt) == vals.gather(-1, count - 1))  # (N, 1)
+    # no host sync: every row's run end, used where the run straddles
+    whole = (vals >= vals.gather(-1, count - 1)).sum(-1, keepdim=True)
+    return torch.where(straddle, whole, count)
 
 
 def _widen_ties(x: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, k: int, temperature: float,
@@ -331,14 +346,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
         pos = _draw(vals, 1.0, generator)
     if not values_only:
         return comp.gather(-1, pos).view(logits.shape[:-1])
-    # comp holds the candidates' unscaled logits: look up the drawn one's index. Equal logits sit in index
-    # order in the indexed list, so the draw's rank inside its run of equal values picks the same token.
-    drawn = comp.gather(-1, pos)  # (N, 1)
-    rank = torch.zeros_like(pos)
-    tied = ((pos > 0) & (comp.gather(-1, (pos - 1).clamp_min(0)) == drawn)).view(-1).nonzero().squeeze(1)
-    if tied.numel():  # rare: count the equal values before the draw
-        rank[tied] = pos[tied] - (comp[tied] > drawn[tied]).sum(-1, keepdim=True)
-    return _nth_match(x, drawn, rank).view(logits.shape[:-1])
+    return _index_of_draw(x, comp, pos).view(logits.shape[:-1])  # comp holds the candidates' unscaled logits
 
 
 def _draw(vals: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
