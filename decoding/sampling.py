@@ -6,7 +6,8 @@ only those, applies top-p to them and returns the kept candidates; sampling draw
 inverse CDF, and ``logits_to_probs`` scatters it back into the full (..., V) distribution. Top-p without
 top-k first tries the largest V/8 logits and sorts the whole row only where the nucleus reaches past them.
 On CPU the selection runs through NumPy's vectorised ``argpartition`` (several times faster than
-``torch.topk`` there); elsewhere through ``torch.topk``.
+``torch.topk`` there; ``sample_from_logits`` partitions the values alone and looks the drawn token's index up
+afterwards, and counts the top-p prefix in NumPy); elsewhere through ``torch.topk``.
 
 The kept set (the definition the tests hold this module to):
 - top-k keeps every logit >= the k-th largest (ties with the k-th value are kept);
