@@ -122,21 +122,21 @@ def var_teacher_map(teacher, cond: torch.Tensor, eps: torch.Tensor, sampling: Sa
     labels = teacher.class_emb.with_null(cond) if guided else cond  # (B',)
     rep = labels.shape[0] // B
     tokens = torch.zeros(B, stop, dtype=torch.long, device=cond.device)
+    # the ramp t_k, mixed by the teacher before its head as VAR.generate does: logits arrive as (B, s_k^2, V)
+    ramp = [sampling.cfg_scale * k / max(K - 1, 1) if guided else None for k in range(K)]
     teacher.setup_cache(labels.shape[0], L, device=cond.device)
     try:
         if t:
             tokens[:, :t] = prefix
             logits, f_hat = teacher.prefill_scales(labels, [prefix[:, b:e].view(B, n, n) for (b, e), n in
-                                                            zip(teacher.bounds[:k0], teacher.scales)], msvq)
+                                                            zip(teacher.bounds[:k0], teacher.scales)], msvq,
+                                                   guidance=ramp[k0])
         else:
-            logits, f_hat = teacher.prefill(labels), None  # (B', 1, V)
+            logits, f_hat = teacher.prefill(labels, guidance=ramp[0]), None  # (B, 1, V)
         for k in range(k0, k1):
             begin, end = teacher.bounds[k]
             if k > k0:
-                logits = teacher.step(next_in, k)  # (B', s_k^2, V)
-            if guided:
-                g = sampling.cfg_scale * k / max(K - 1, 1)
-                logits = (1 + g) * logits[:B] - g * logits[B:]  # the same two roundings as VAR.generate's in-place ops
+                logits = teacher.step(next_in, k, guidance=ramp[k])  # (B, s_k^2, V)
             p = logits_to_probs(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p)  # (B, s^2, V)
             idx = flow_map(eps[:, begin:end], p, codes, steps=flow_steps, solver=solver, sigmas=sigmas).tokens
             tokens[:, begin:end] = idx
