@@ -122,8 +122,7 @@ def var_teacher_map(teacher, cond: torch.Tensor, eps: torch.Tensor, sampling: Sa
     labels = teacher.class_emb.with_null(cond) if guided else cond  # (B',)
     rep = labels.shape[0] // B
     tokens = torch.zeros(B, stop, dtype=torch.long, device=cond.device)
-    # the ramp t_k, mixed by the teacher before its head as VAR.generate does: logits arrive as (B, s_k^2, V)
-    ramp = [sampling.cfg_scale * k / max(K - 1, 1) if guided else None for k in range(K)]
+    ramp = teacher.cfg_ramp(sampling.cfg_scale)  # t_k, mixed before the head as VAR.generate does: (B, s_k^2, V)
     teacher.setup_cache(labels.shape[0], L, device=cond.device)
     try:
         if t:

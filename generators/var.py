@@ -338,6 +338,12 @@ class VAR(CachedBlocksMixin, nn.Module):
         return logits[:, -s * s:], f_hat
 
     # -- sampling -------------------------------------------------------------------------------
+    def cfg_ramp(self, cfg: float) -> list[float | None]:
+        """VAR's guidance of each scale k, t_k = cfg k / (K-1), for ``guidance=``; cfg = 0: None everywhere (no
+        unconditional half is run)."""
+        K = len(self.scales)
+        return [cfg * k / max(K - 1, 1) if cfg != 0 else None for k in range(K)]
+
     @torch.no_grad()
     def generate(self, msvq, cond: torch.Tensor, cfg: float = 1.5, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, generator: torch.Generator | None = None, indices_prefix=None,
@@ -359,8 +365,7 @@ class VAR(CachedBlocksMixin, nn.Module):
         labels = self.class_emb.with_null(cond) if guided else cond  # (B',)
         # no zero fill (6 x 67 MB at VAR-d6 batch 16): every scale attends over exactly the slots written so far
         self.setup_cache(labels.shape[0], self.L, device=cond.device, zero=False)
-        # the guidance ramp t_k, applied by the forward before the head (see _run): logits arrive as (B, s^2, V)
-        ramp = [cfg * k / max(len(self.scales) - 1, 1) if guided else None for k in range(len(self.scales))]
+        ramp = self.cfg_ramp(cfg)  # t_k, applied by the forward before the head (_run): logits arrive as (B, s^2, V)
         # 1. prefill: scale 0 from the class, or scales 0..N from a given prefix
         if indices_prefix:
             logits, f_hat = self.prefill_scales(labels, indices_prefix, msvq, guidance=ramp[len(indices_prefix)])
